@@ -1,1 +1,133 @@
-fn main() {}
+//! `crashmon-device`: serves one crash-monitor card to QEMU over vfio-user and writes every
+//! crash the guest streams through it to `--output-dir`.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use crashmon_device_model::capture::{self, CaptureConfig};
+use crashmon_device_model::card::CrashMonitorCard;
+use crashmon_device_model::data_window::DataWindow;
+use crashmon_device_model::size::parse_size;
+use crashmon_device_model::vfio::{self, CardBackend, SharedCard};
+use log::{error, info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use vfio_user::Server;
+
+/// The crashmon crash-monitor card, served to QEMU over vfio-user.
+///
+/// Attach it with: -device '{"driver":"vfio-user-pci","socket":{"path":"SOCKET","type":"unix"}}'
+/// (guest RAM must be a shared memory backend, e.g. memory-backend-memfd with share=on).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Unix socket to listen on; must not exist yet.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Folder for dumps and their JSON sidecars; created if missing, must be writable.
+    #[arg(long, value_name = "DIR")]
+    output_dir: PathBuf,
+    /// Name of the VM, used in every file name: 1-64 of [A-Za-z0-9._-].
+    #[arg(long, default_value = "vm")]
+    vm_name: String,
+    /// Largest dump accepted (e.g. 64GiB, 512M); chunks past it are refused.
+    #[arg(long, default_value = "1TiB", value_parser = parse_max_size)]
+    max_dump_size: u64,
+    /// Exit after the first VM disconnects instead of waiting for the next one.
+    #[arg(long)]
+    once: bool,
+}
+
+fn parse_max_size(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    if size < 4096 {
+        return Err(format!("'{text}' is below the 4096-byte minimum"));
+    }
+    Ok(size)
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("crashmon-device: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn check_output_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output dir {}", dir.display()))?;
+    let probe = tempfile_in(dir)
+        .with_context(|| format!("output dir {} is not writable", dir.display()))?;
+    fs::remove_file(probe)?;
+    Ok(())
+}
+
+fn tempfile_in(dir: &Path) -> std::io::Result<PathBuf> {
+    let path = dir.join(format!(".crashmon-write-probe-{}", std::process::id()));
+    fs::write(&path, b"")?;
+    Ok(path)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if !capture::valid_vm_name(&cli.vm_name) {
+        bail!("--vm-name '{}' must be 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'", cli.vm_name);
+    }
+    if cli.socket.symlink_metadata().is_ok() {
+        bail!(
+            "socket path {} already exists (another crashmon-device? remove it if it is stale)",
+            cli.socket.display()
+        );
+    }
+    check_output_dir(&cli.output_dir)?;
+    for path in capture::recover_stale(&cli.output_dir)? {
+        warn!("closed a dump left partial by an earlier run: {}", path.display());
+    }
+
+    let config = CaptureConfig {
+        output_dir: cli.output_dir.clone(),
+        vm_name: cli.vm_name.clone(),
+        max_dump_size: cli.max_dump_size,
+    };
+    let window = DataWindow::new().context("cannot create the data window (memfd)")?;
+    let card: SharedCard = Arc::new(Mutex::new(CrashMonitorCard::new(config, window)));
+    let server = Server::new(&cli.socket, true, vfio::irqs(), vfio::regions(&card))
+        .with_context(|| format!("cannot listen on {}", cli.socket.display()))?;
+    spawn_signal_handler(card.clone(), cli.socket.clone())?;
+    info!(
+        "crash-monitor card for VM '{}' listening on {}; dumps go to {}",
+        cli.vm_name,
+        cli.socket.display(),
+        cli.output_dir.display()
+    );
+
+    let mut backend = CardBackend::new(card);
+    loop {
+        match server.run(&mut backend) {
+            Ok(()) => info!("VM disconnected"),
+            Err(e) => error!("VM connection ended with an error: {e}"),
+        }
+        backend.disconnected();
+        if cli.once {
+            return Ok(());
+        }
+        info!("waiting for the next VM on {}", cli.socket.display());
+    }
+}
+
+/// On SIGINT or SIGTERM: keep the open dump (as incomplete), remove the socket, exit 0.
+fn spawn_signal_handler(card: SharedCard, socket: PathBuf) -> Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            info!("signal {signal}: stopping");
+            vfio::lock(&card).shutdown("device model stopped while the dump was streaming");
+            let _ = fs::remove_file(&socket);
+            std::process::exit(0);
+        }
+    })?;
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! The JSON sidecar written beside every dump: what the host knows about one crash.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Value of [`Sidecar::format`].
+pub const SIDECAR_FORMAT: &str = "crashmon-sidecar/1";
+
+/// Where a dump stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DumpState {
+    /// Bytes are still arriving (or the device model died while they were).
+    Streaming,
+    /// `KbDumpIoComplete` arrived; the file was fsync'd and renamed to its final name.
+    Complete,
+    /// The session ended early; every byte received is in the file.
+    Incomplete,
+}
+
+/// How the guest placed its chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WriteOrder {
+    /// No chunk yet.
+    None,
+    /// Every chunk had Offset -1.
+    Sequential,
+    /// Every chunk had an explicit offset.
+    Explicit,
+    /// Both kinds.
+    Mixed,
+}
+
+/// Where the bug-check code and parameters came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BugCheckSource {
+    /// The driver wrote them to the card (`CONTROL.ANNOUNCE`).
+    Announced,
+    /// Read from the dump's own `DUMP_HEADER64`.
+    DumpHeader,
+}
+
+/// A bug check, with hex strings so that 64-bit pointers survive any JSON reader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BugCheckInfo {
+    /// The code, e.g. "0x000000d1".
+    pub code: String,
+    /// The four parameters, e.g. "0xfffff80312345678".
+    pub parameters: [String; 4],
+    /// Where they came from.
+    pub source: BugCheckSource,
+}
+
+impl BugCheckInfo {
+    /// Formats a code and parameters.
+    pub fn new(code: u32, parameters: [u64; 4], source: BugCheckSource) -> Self {
+        Self {
+            code: format!("{code:#010x}"),
+            parameters: parameters.map(|p| format!("{p:#018x}")),
+            source,
+        }
+    }
+}
+
+/// Payload bytes accepted per `KBUGCHECK_DUMP_IO_TYPE`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BytesByType {
+    /// `KbDumpIoHeader`.
+    pub header: u64,
+    /// `KbDumpIoBody`.
+    pub body: u64,
+    /// `KbDumpIoSecondaryData`.
+    pub secondary_data: u64,
+}
+
+/// The sidecar document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sidecar {
+    /// [`SIDECAR_FORMAT`].
+    pub format: String,
+    /// Unique per crash session.
+    pub session_id: Uuid,
+    /// The VM's name as given to the device model.
+    pub vm_name: String,
+    /// The dump's file name, in the same folder as the sidecar.
+    pub dump_file: String,
+    /// Where the dump stands.
+    pub state: DumpState,
+    /// Why an incomplete dump ended early.
+    pub incomplete_reason: Option<String>,
+    /// The bug check, when announced or read from the header.
+    pub bugcheck: Option<BugCheckInfo>,
+    /// RFC 3339, when the session opened.
+    pub started_at: String,
+    /// RFC 3339, when it closed.
+    pub ended_at: Option<String>,
+    /// The file's size: the end of the furthest chunk.
+    pub size: u64,
+    /// Payload bytes accepted (overlapping chunks count each time).
+    pub bytes_received: u64,
+    /// [`Sidecar::bytes_received`] per chunk type.
+    pub bytes_by_type: BytesByType,
+    /// Chunks accepted.
+    pub chunks: u64,
+    /// How chunks were placed.
+    pub write_order: WriteOrder,
+    /// Bytes of `[0, size)` that no chunk wrote; `None` when the guest scattered too many ranges
+    /// to track.
+    pub missing_bytes: Option<u64>,
+    /// The first holes, `[start, end)`.
+    pub missing_ranges: Vec<[u64; 2]>,
+    /// Doorbells the card refused during the session.
+    pub rejected_chunks: u64,
+    /// The first refusal, e.g. "too-large: chunk ends at 0x... past the maximum 0x...".
+    pub first_error: Option<String>,
+    /// SHA-256 of the file as closed, lowercase hex; `None` while streaming.
+    pub sha256: Option<String>,
+}

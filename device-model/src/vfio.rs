@@ -1,0 +1,165 @@
+//! Bus plumbing: the card as a vfio-user PCI device.
+//!
+//! Regions follow the vfio PCI layout (BAR0..BAR5, ROM, config, VGA). BAR0 traps every access to
+//! [`CrashMonitorCard`]; BAR2 is offered as one sparse-mmap area backed by the data window's
+//! memfd, so QEMU maps it into the guest and only falls back to region reads and writes if it
+//! cannot. The card has no interrupts and needs no DMA: DMA maps are accepted and dropped.
+
+use crate::card::CrashMonitorCard;
+use crate::pci_config::{PciConfigSpace, CONFIG_SPACE_SIZE};
+use crashmon_card_abi as abi;
+use log::{debug, info};
+use std::fs::File;
+use std::io;
+use std::mem::size_of;
+use std::sync::{Arc, Mutex, MutexGuard};
+use vfio_bindings::bindings::vfio::{
+    vfio_region_info, vfio_region_sparse_mmap_area, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_NUM_IRQS,
+    VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion, SparseArea};
+
+/// The card shared between the vfio-user server thread and the signal handler.
+pub type SharedCard = Arc<Mutex<CrashMonitorCard>>;
+
+/// Locks the card even if a previous holder panicked: the card's state stays consistent
+/// between register accesses, and losing the capture would be worse.
+pub fn lock(card: &SharedCard) -> MutexGuard<'_, CrashMonitorCard> {
+    card.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The vfio-user region table.
+pub fn regions(card: &SharedCard) -> Vec<ServerRegion> {
+    let window_fd = lock(card).window().fd();
+    (0..VFIO_PCI_NUM_REGIONS)
+        .map(|index| {
+            let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+            let mut region_info = vfio_region_info {
+                argsz: size_of::<vfio_region_info>() as u32,
+                index,
+                ..Default::default()
+            };
+            let mut sparse_areas = Vec::new();
+            let mut mmap_fd = None;
+            match index {
+                VFIO_PCI_BAR0_REGION_INDEX => {
+                    region_info.size = abi::BAR0_SIZE;
+                    region_info.flags = rw;
+                }
+                VFIO_PCI_BAR2_REGION_INDEX => {
+                    region_info.size = abi::BAR2_SIZE;
+                    region_info.flags = rw | VFIO_REGION_INFO_FLAG_MMAP;
+                    region_info.offset = 0; // offset of the region in `mmap_fd`
+                    sparse_areas.push(SparseArea {
+                        area: vfio_region_sparse_mmap_area { offset: 0, size: abi::BAR2_SIZE },
+                    });
+                    mmap_fd = Some(window_fd);
+                }
+                VFIO_PCI_CONFIG_REGION_INDEX => {
+                    region_info.size = CONFIG_SPACE_SIZE as u64;
+                    region_info.flags = rw;
+                }
+                _ => {}
+            }
+            ServerRegion { region_info, sparse_areas, mmap_fd }
+        })
+        .collect()
+}
+
+/// The interrupt table: every index present, none with vectors.
+pub fn irqs() -> Vec<IrqInfo> {
+    (0..VFIO_PCI_NUM_IRQS).map(|index| IrqInfo { index, flags: 0, count: 0 }).collect()
+}
+
+/// The vfio-user backend of one card.
+pub struct CardBackend {
+    card: SharedCard,
+    config: PciConfigSpace,
+}
+
+impl CardBackend {
+    /// A backend for `card` with a power-on configuration space.
+    pub fn new(card: SharedCard) -> Self {
+        Self { card, config: PciConfigSpace::new() }
+    }
+
+    /// The client went away: close any open session as incomplete and start afresh for the
+    /// next client.
+    pub fn disconnected(&mut self) {
+        lock(&self.card).disconnect();
+        self.config = PciConfigSpace::new();
+    }
+}
+
+fn out_of_range(region: u32, offset: u64, len: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("access outside region {region}: offset {offset:#x}, {len} bytes"),
+    )
+}
+
+impl ServerBackend for CardBackend {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        let ok = match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config.read(offset, data),
+            VFIO_PCI_BAR0_REGION_INDEX => {
+                lock(&self.card).read(offset, data);
+                Some(())
+            }
+            VFIO_PCI_BAR2_REGION_INDEX => lock(&self.card).window().read(offset, data),
+            _ => None,
+        };
+        ok.ok_or_else(|| out_of_range(region, offset, data.len()))
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        let ok = match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config.write(offset, data),
+            VFIO_PCI_BAR0_REGION_INDEX => {
+                lock(&self.card).write(offset, data);
+                Some(())
+            }
+            VFIO_PCI_BAR2_REGION_INDEX => lock(&self.card).window().write(offset, data),
+            _ => None,
+        };
+        ok.ok_or_else(|| out_of_range(region, offset, data.len()))
+    }
+
+    fn dma_map(
+        &mut self,
+        flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        _fd: Option<File>,
+    ) -> io::Result<()> {
+        debug!("dma map ignored: {flags:?} iova {address:#x} size {size:#x} offset {offset:#x}");
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
+        debug!("dma unmap ignored: {flags:?} iova {address:#x} size {size:#x}");
+        Ok(())
+    }
+
+    fn reset(&mut self) -> io::Result<()> {
+        info!("device reset from the VM");
+        lock(&self.card).bus_reset();
+        self.config = PciConfigSpace::new();
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        _fds: Vec<File>,
+    ) -> io::Result<()> {
+        debug!("set_irqs ignored (the card has no interrupts): index {index} flags {flags:#x} start {start} count {count}");
+        Ok(())
+    }
+}
