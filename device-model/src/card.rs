@@ -230,15 +230,15 @@ impl CrashMonitorCard {
 
     /// Acts on the chunk described by the CHUNK_* registers.
     fn doorbell(&mut self) -> Result<(), ErrorCode> {
-        let kind = DumpIoType::from_u32(self.chunk_type)
-            .filter(|t| *t != DumpIoType::Invalid)
-            .ok_or(ErrorCode::BadType)?;
         if !matches!(
             self.state,
             SessionState::Armed | SessionState::BugCheckAnnounced | SessionState::Streaming
         ) {
             return Err(ErrorCode::BadState);
         }
+        let kind = DumpIoType::from_u32(self.chunk_type)
+            .filter(|t| *t != DumpIoType::Invalid)
+            .ok_or(ErrorCode::BadType)?;
         if kind == DumpIoType::Complete {
             if self.chunk_length != 0 {
                 return Err(ErrorCode::BadLength);

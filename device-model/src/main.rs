@@ -50,11 +50,29 @@ fn parse_max_size(text: &str) -> Result<u64, String> {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("crashmon-device: {} (see --help)", one_line(&e.to_string()));
+            std::process::exit(2);
+        }
+    };
     if let Err(e) = run(cli) {
         eprintln!("crashmon-device: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Folds clap's multi-line message into one line, dropping its usage block.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn check_output_dir(dir: &Path) -> Result<()> {

@@ -163,3 +163,51 @@ impl ServerBackend for CardBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::CaptureConfig;
+    use crate::data_window::DataWindow;
+
+    fn backend() -> (CardBackend, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CaptureConfig {
+            output_dir: dir.path().to_owned(),
+            vm_name: "t".into(),
+            max_dump_size: 1 << 20,
+        };
+        let card = Arc::new(Mutex::new(CrashMonitorCard::new(config, DataWindow::new().unwrap())));
+        (CardBackend::new(card), dir)
+    }
+
+    #[test]
+    fn out_of_range_region_accesses_are_errors_not_panics() {
+        let (mut b, _dir) = backend();
+        let cfg = VFIO_PCI_CONFIG_REGION_INDEX;
+        assert!(b.region_read(cfg, 252, &mut [0; 8]).is_err());
+        assert!(b.region_write(cfg, u64::MAX, &[0; 4]).is_err());
+        assert!(b.region_read(VFIO_PCI_BAR2_REGION_INDEX, abi::BAR2_SIZE - 2, &mut [0; 4]).is_err());
+        assert!(b.region_write(VFIO_PCI_BAR2_REGION_INDEX, u64::MAX - 1, &[0; 4]).is_err());
+        assert!(b.region_read(1, 0, &mut [0; 4]).is_err());
+        assert!(b.region_write(9, 0, &[0; 4]).is_err());
+        // BAR0 refuses inside the register file (an ERROR code), not on the bus.
+        assert!(b.region_write(VFIO_PCI_BAR0_REGION_INDEX, 1 << 40, &[0; 4]).is_ok());
+        let mut status = [0u8; 4];
+        b.region_read(VFIO_PCI_BAR0_REGION_INDEX, abi::regs::ERROR as u64, &mut status).unwrap();
+        assert_eq!(u32::from_le_bytes(status), abi::ErrorCode::BadAccess as u32);
+    }
+
+    #[test]
+    fn region_table_offers_bar2_as_one_mmap_area() {
+        let (b, _dir) = backend();
+        let regions = regions(&b.card);
+        assert_eq!(regions.len(), VFIO_PCI_NUM_REGIONS as usize);
+        let bar2 = &regions[VFIO_PCI_BAR2_REGION_INDEX as usize];
+        assert_ne!(bar2.region_info.flags & VFIO_REGION_INFO_FLAG_MMAP, 0);
+        assert_eq!(bar2.sparse_areas.len(), 1);
+        assert!(bar2.mmap_fd.is_some());
+        assert_eq!(regions[VFIO_PCI_BAR0_REGION_INDEX as usize].region_info.size, abi::BAR0_SIZE);
+        assert_eq!(regions[1].region_info.size, 0);
+    }
+}

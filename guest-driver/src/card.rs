@@ -165,14 +165,21 @@ impl<Io: CardIo> Card<Io> {
     /// The slot for the next doorbell, once the card has finished with its previous use.
     fn free_slot(&mut self) -> Result<u32, CardError> {
         let mut polls = 0;
-        while self.rung.wrapping_sub(self.completed) >= self.slot_count {
+        loop {
+            // Doorbells in flight; negative when someone else rang the card since our count was
+            // taken, in which case the card's count is the truth.
+            let in_flight = self.rung.wrapping_sub(self.completed) as i32;
+            if in_flight < 0 {
+                self.rung = self.completed;
+            } else if (in_flight as u32) < self.slot_count {
+                return Ok(self.rung % self.slot_count);
+            }
             if polls == SLOT_WAIT_POLLS {
                 return Err(CardError::Timeout);
             }
             self.completed = self.io.read_register(regs::COMPLETED);
             polls += 1;
         }
-        Ok(self.rung % self.slot_count)
     }
 
     fn check(&self) -> Result<(), CardError> {
