@@ -14,7 +14,8 @@ use std::io;
 use std::mem::size_of;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vfio_bindings::bindings::vfio::{
-    vfio_region_info, vfio_region_sparse_mmap_area, VFIO_PCI_BAR0_REGION_INDEX,
+    vfio_region_info, vfio_region_sparse_mmap_area, VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
     VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_NUM_IRQS,
     VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
@@ -68,9 +69,18 @@ pub fn regions(card: &SharedCard) -> Vec<ServerRegion> {
         .collect()
 }
 
-/// The interrupt table: every index present, none with vectors.
+/// The interrupt table. The card raises no interrupts (it is driven with interrupts off), so
+/// INTx, MSI and MSI-X have no vectors. The error and request indexes accept an eventfd that is
+/// never signalled, only so that QEMU does not warn that it cannot enable error recovery.
 pub fn irqs() -> Vec<IrqInfo> {
-    (0..VFIO_PCI_NUM_IRQS).map(|index| IrqInfo { index, flags: 0, count: 0 }).collect()
+    (0..VFIO_PCI_NUM_IRQS)
+        .map(|index| match index {
+            VFIO_PCI_ERR_IRQ_INDEX | VFIO_PCI_REQ_IRQ_INDEX => {
+                IrqInfo { index, flags: VFIO_IRQ_INFO_EVENTFD, count: 1 }
+            }
+            _ => IrqInfo { index, flags: 0, count: 0 },
+        })
+        .collect()
 }
 
 /// The vfio-user backend of one card.
