@@ -1,0 +1,2 @@
+#![no_std]
+//! Placeholder: the dump writer is being written.
