@@ -1,8 +1,12 @@
 //! crashmon's harness: everything needed to run the crash-monitor card inside a real QEMU.
 //!
-//! * [`qemu`]: find a QEMU that has `vfio-user-pci`, or provision one into a cache folder.
+//! * [`qemu`]: find a QEMU that has `vfio-user-pci`, or provision one into a cache folder;
+//! * [`qmp`]: drive and inspect the running VM over QMP;
+//! * [`pci`]: find the card in QEMU's view of the PCI bus.
 
+pub mod pci;
 pub mod qemu;
+pub mod qmp;
 
 use std::path::{Path, PathBuf};
 
