@@ -1,14 +1,17 @@
 //! crashmon's harness: everything needed to run the crash-monitor card inside a real QEMU.
 //!
 //! * [`qemu`]: find a QEMU that has `vfio-user-pci`, or provision one into a cache folder;
+//! * [`device`]: run the `crashmon-device` process that serves the card;
 //! * [`qmp`]: drive and inspect the running VM over QMP;
 //! * [`pci`]: find the card in QEMU's view of the PCI bus.
 
+pub mod device;
 pub mod pci;
 pub mod qemu;
 pub mod qmp;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// Environment variable that moves the cache folder away from `<workspace>/.cache`.
 pub const CACHE_DIR_ENV: &str = "CRASHMON_CACHE_DIR";
@@ -34,4 +37,44 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Quotes `arg` for a POSIX shell if it needs it.
+pub fn shell_quote(arg: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c);
+    if !arg.is_empty() && arg.chars().all(safe) {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+/// A command as a shell line (environment settings first), for logs and messages.
+pub fn command_line(cmd: &Command) -> String {
+    let envs = cmd.get_envs().filter_map(|(key, value)| {
+        Some(format!(
+            "{}={}",
+            key.to_string_lossy(),
+            shell_quote(&value?.to_string_lossy())
+        ))
+    });
+    let words = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|w| shell_quote(&w.to_string_lossy()));
+    envs.chain(words).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("plain/path-1.sock"), "plain/path-1.sock");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        let mut cmd = Command::new("/bin/q");
+        cmd.env("A", "1 2").args(["-x", "{\"k\":1}"]);
+        assert_eq!(command_line(&cmd), r#"A='1 2' /bin/q -x '{"k":1}'"#);
+    }
 }
