@@ -2,6 +2,7 @@
 //!
 //! * [`qemu`]: find a QEMU that has `vfio-user-pci`, or provision one into a cache folder;
 //! * [`device`]: run the `crashmon-device` process that serves the card;
+//! * [`vm`]: launch QEMU with the card attached, from the argument files in `qemu-config/`;
 //! * [`qmp`]: drive and inspect the running VM over QMP;
 //! * [`pci`]: find the card in QEMU's view of the PCI bus.
 
@@ -9,6 +10,7 @@ pub mod device;
 pub mod pci;
 pub mod qemu;
 pub mod qmp;
+pub mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
