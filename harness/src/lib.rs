@@ -5,6 +5,9 @@
 //! * [`vm`]: launch QEMU with the card attached, from the argument files in `qemu-config/`;
 //! * [`qmp`]: drive and inspect the running VM over QMP;
 //! * [`pci`]: find the card in QEMU's view of the PCI bus.
+//!
+//! The binary `crashmon-harness` puts these together (`provision-qemu`, `demo`, `qemu-line`);
+//! the integration tests use them directly.
 
 pub mod device;
 pub mod pci;
