@@ -29,7 +29,7 @@ pub enum DeviceError {
     #[error("cannot build the device model (`cargo build -p {DEVICE_PACKAGE} --release`): {0}")]
     Build(String),
     /// The process could not be started.
-    #[error("cannot start {binary}: {source}")]
+    #[error("cannot start {binary}")]
     Spawn { binary: PathBuf, source: io::Error },
     /// It exited before it was ready.
     #[error("the device model exited ({status}) before creating its socket {socket}; last lines of its log {log}:\n{tail}")]
@@ -51,7 +51,7 @@ pub enum DeviceError {
     #[error("the device model (pid {pid}) did not exit within {timeout:?}")]
     StillRunning { pid: u32, timeout: Duration },
     /// Another I/O error.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io { context: String, source: io::Error },
 }
 

@@ -30,7 +30,7 @@ const MARKER: &str = "crashmon-provisioned";
 #[derive(Debug, Error)]
 pub enum QemuError {
     /// The binary could not be started at all.
-    #[error("cannot run {binary}: {source}")]
+    #[error("cannot run {binary}")]
     Run { binary: PathBuf, source: io::Error },
     /// The binary runs but cannot attach a vfio-user device.
     #[error("{binary} ({version}) has no vfio-user-pci device; QEMU 10.1 or newer built with vfio-user is needed")]
@@ -47,7 +47,7 @@ pub enum QemuError {
         tail: String,
     },
     /// A file-system operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io { context: String, source: io::Error },
 }
 

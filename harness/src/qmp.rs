@@ -22,14 +22,14 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Error)]
 pub enum QmpError {
     /// QEMU did not accept a connection in time.
-    #[error("cannot connect to the QMP socket {path} within {timeout:?}: {source}")]
+    #[error("cannot connect to the QMP socket {path} within {timeout:?}")]
     Connect {
         path: PathBuf,
         timeout: Duration,
         source: io::Error,
     },
     /// Reading or writing the socket failed.
-    #[error("QMP connection failed: {0}")]
+    #[error("QMP connection failed")]
     Io(#[from] io::Error),
     /// QEMU closed the connection (it exited).
     #[error("QEMU closed the QMP connection")]

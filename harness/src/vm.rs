@@ -33,8 +33,8 @@ pub enum VmError {
         bad: char,
     },
     /// QEMU could not be started.
-    #[error("cannot start QEMU: {0}")]
-    Spawn(io::Error),
+    #[error("cannot start QEMU")]
+    Spawn(#[source] io::Error),
     /// QEMU exited while the harness still needed it.
     #[error("QEMU exited ({status}); last lines of its log {log}:\n{tail}")]
     Exited {
@@ -49,7 +49,7 @@ pub enum VmError {
     #[error(transparent)]
     Qmp(#[from] QmpError),
     /// Another I/O error.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io { context: String, source: io::Error },
 }
 
