@@ -12,10 +12,17 @@
 //! * only register access, with `READ_REGISTER_ULONG` / `WRITE_REGISTER_ULONG` semantics, through
 //!   [`CardIo`]. The only waiting is a bounded poll of the card's `COMPLETED` register, which is
 //!   how a driver talks to its own hardware at HIGH_LEVEL; it never blocks on the OS.
+//!
+//! Modules: [`card`] drives the card; [`wdm`] has Windows' bug-check callback types with their
+//! exact layouts; [`driver`] is the driver itself, its four callbacks written against those
+//! types and registered through a [`BugCheckRegistry`] the platform provides.
 #![no_std]
 #![deny(missing_docs)]
 
 pub mod card;
+pub mod driver;
+pub mod wdm;
 
 pub use card::{Card, CardError, CardIo};
+pub use driver::{BugCheckRegistry, CrashmonDriver};
 pub use crashmon_card_abi as abi;
