@@ -16,8 +16,6 @@ use thiserror::Error;
 pub const DEVICE_ENV: &str = "CRASHMON_DEVICE";
 /// The device model's executable name.
 pub const DEVICE_BIN: &str = "crashmon-device";
-/// The package that builds it.
-pub const DEVICE_PACKAGE: &str = "crashmon-device-model";
 
 /// What went wrong with the device-model process.
 #[derive(Debug, Error)]
@@ -26,7 +24,7 @@ pub enum DeviceError {
     #[error("{DEVICE_ENV}={0} does not exist")]
     EnvMissing(PathBuf),
     /// Building it with cargo failed.
-    #[error("cannot build the device model (`cargo build -p {DEVICE_PACKAGE} --release`): {0}")]
+    #[error("cannot build the device model (`cargo build --release --workspace --bin {DEVICE_BIN}`): {0}")]
     Build(String),
     /// The process could not be started.
     #[error("cannot start {binary}")]
@@ -91,8 +89,12 @@ fn sibling_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Runs `cargo build -p crashmon-device-model --release` in the workspace (a quick no-op when
-/// it is up to date) and returns the path of the binary cargo reports.
+/// Builds the device model in release and returns the path of the binary cargo reports.
+///
+/// It runs `cargo build --release --workspace --bin crashmon-device`: the binary of
+/// `crashmon-device-model`, with dependency features unified across the workspace as in
+/// `cargo build --workspace` and `cargo test --workspace`. (`-p crashmon-device-model` would
+/// resolve features for that package alone and put a second variant of the binary in place.)
 pub fn build_release() -> Result<PathBuf, DeviceError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = Command::new(&cargo)
@@ -101,7 +103,7 @@ pub fn build_release() -> Result<PathBuf, DeviceError> {
             "--release",
             "--message-format=json-render-diagnostics",
         ])
-        .args(["-p", DEVICE_PACKAGE, "--bin", DEVICE_BIN])
+        .args(["--workspace", "--bin", DEVICE_BIN])
         .current_dir(crate::workspace_root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
