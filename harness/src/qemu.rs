@@ -228,13 +228,28 @@ impl Qemu {
     }
 }
 
-/// Looks `name` up in `PATH`, then in the sbin folders a non-login root shell may lack.
+/// The folders a non-login root shell's `PATH` may lack, where the provisioning tools live.
+const SBIN_DIRS: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
+
+/// Looks `name` up in `PATH`, then in the sbin folders.
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .chain(SBIN_DIRS.map(PathBuf::from))
         .map(|dir| dir.join(name))
         .find(|candidate| is_executable(candidate))
+}
+
+/// A command running the host tool `name` with the sbin folders on its `PATH` (debootstrap, a
+/// shell script, runs chroot and friends through it).
+fn system_tool(name: &str) -> Command {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(SBIN_DIRS.map(PathBuf::from));
+    let mut cmd = Command::new(find_in_path(name).unwrap_or_else(|| name.into()));
+    if let Ok(path) = std::env::join_paths(dirs) {
+        cmd.env("PATH", path);
+    }
+    cmd
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -301,7 +316,7 @@ impl Provisioner {
         );
         self.step(
             &format!("debootstrap {SUITE}"),
-            Command::new("debootstrap")
+            system_tool("debootstrap")
                 .args(["--variant=minbase", SUITE])
                 .arg(&tree)
                 .arg(MIRROR),
@@ -369,7 +384,7 @@ impl Provisioner {
         }
         info!("debootstrap is missing: running `apt-get install -y debootstrap`");
         let install = || {
-            let mut cmd = Command::new("apt-get");
+            let mut cmd = system_tool("apt-get");
             cmd.args(["install", "-y", "debootstrap"])
                 .env("DEBIAN_FRONTEND", "noninteractive");
             cmd
@@ -381,7 +396,7 @@ impl Provisioner {
             return Ok(());
         }
         info!("that failed: running `apt-get update`, then installing debootstrap again");
-        self.step("apt-get update", Command::new("apt-get").arg("update"))?;
+        self.step("apt-get update", system_tool("apt-get").arg("update"))?;
         self.step("apt-get install debootstrap", &mut install())
     }
 
@@ -434,7 +449,7 @@ impl Provisioner {
 
 /// `apt-get ARGS` inside `tree`, non-interactively.
 fn chroot_apt(tree: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new("chroot");
+    let mut cmd = system_tool("chroot");
     cmd.arg(tree)
         .arg("apt-get")
         .args(args)
@@ -453,7 +468,7 @@ impl BindMount {
     fn new(source: &Path, target: &Path, provisioner: &Provisioner) -> Result<Self, QemuError> {
         provisioner.step(
             &format!("mount --bind {} {}", source.display(), target.display()),
-            Command::new("mount").arg("--bind").arg(source).arg(target),
+            system_tool("mount").arg("--bind").arg(source).arg(target),
         )?;
         Ok(BindMount {
             target: target.to_owned(),
@@ -470,12 +485,12 @@ impl Drop for BindMount {
 }
 
 fn unmount(target: &Path) -> Result<(), QemuError> {
-    let status = Command::new("umount").arg(target).status();
+    let status = system_tool("umount").arg(target).status();
     if matches!(status, Ok(s) if s.success()) {
         return Ok(());
     }
     // Busy (a process started in the chroot is still running): detach it lazily.
-    let status = Command::new("umount")
+    let status = system_tool("umount")
         .arg("-l")
         .arg(target)
         .status()
