@@ -4,7 +4,8 @@
 //! * [`device`]: run the `crashmon-device` process that serves the card;
 //! * [`vm`]: launch QEMU with the card attached, from the argument files in `qemu-config/`;
 //! * [`qmp`]: drive and inspect the running VM over QMP;
-//! * [`pci`]: find the card in QEMU's view of the PCI bus.
+//! * [`pci`]: find the card in QEMU's view of the PCI bus;
+//! * [`verify`]: check a dump with kdmp-parser and against QEMU's own image of guest RAM.
 //!
 //! The binary `crashmon-harness` puts these together (`provision-qemu`, `demo`, `qemu-line`);
 //! the integration tests use them directly.
@@ -13,6 +14,7 @@ pub mod device;
 pub mod pci;
 pub mod qemu;
 pub mod qmp;
+pub mod verify;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,350 @@
+//! Independent checks of a dump that landed on the host.
+//!
+//! The dump is opened with `kdmp-parser`, a parser that knows nothing of crashmon, and compared
+//! with what the test knows from elsewhere: the bug check it triggered, and QEMU's own image of
+//! guest RAM (`pmemsave`, taken after the guest halted). Every physical page in the dump must
+//! equal QEMU's copy, except the pages the guest declared it changed after writing them (the
+//! dump writer's own stack and state). A guest variable is read through the dump's
+//! DirectoryTableBase, and the driver's secondary data block is looked up by its GUID.
+
+use kdmp_parser::gxa::{Gpa, Gva};
+use kdmp_parser::parse::KernelDumpParser;
+use kdmp_parser::structs::DumpType;
+use memmap2::Mmap;
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+const PAGE: usize = 0x1000;
+
+/// What the test knows independently of the dump.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    /// Full (1) or bitmap (5).
+    pub dump_type: DumpType,
+    /// The bug-check code that was triggered.
+    pub bugcheck_code: u32,
+    /// Its parameters, when the test knows them all.
+    pub bugcheck_parameters: Option<[u64; 4]>,
+    /// Pages the guest declared it changed after writing them to the dump.
+    pub modified_pfns: BTreeSet<u64>,
+    /// A guest virtual address and the 8-byte value the guest said it holds.
+    pub variable: Option<(u64, u64)>,
+    /// GUID (memory layout) of a secondary data block that must be present, and its
+    /// expected contents when known.
+    pub secondary: Option<([u8; 16], Option<Vec<u8>>)>,
+}
+
+/// What passed.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    /// Bytes in the dump file.
+    pub dump_bytes: u64,
+    /// Physical pages in the dump.
+    pub pages: u64,
+    /// Pages compared equal with QEMU's memory image.
+    pub pages_equal: u64,
+    /// Declared-modified pages that did differ (allowed).
+    pub pages_declared_modified: u64,
+    /// Human-readable list of the checks that passed.
+    pub checks: Vec<String>,
+}
+
+/// A check that failed.
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    /// The dump or the RAM image could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// Which file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// kdmp-parser refused the dump.
+    #[error("kdmp-parser cannot parse {path}: {message}")]
+    Parse {
+        /// Which file.
+        path: PathBuf,
+        /// Its error.
+        message: String,
+    },
+    /// A field or page is not what it should be.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+fn mismatch(message: String) -> VerifyError {
+    VerifyError::Mismatch(message)
+}
+
+fn map(path: &Path) -> Result<Mmap, VerifyError> {
+    let io = |source| VerifyError::Io { path: path.to_owned(), source };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: the files are the harness's own outputs (a finished dump and a pmemsave image);
+    // nothing writes them while they are mapped.
+    unsafe { Mmap::map(&file) }.map_err(io)
+}
+
+/// Checks `dump` against `expected` and `ram_image` (QEMU's `pmemsave` of guest physical
+/// memory from address 0).
+pub fn verify(dump: &Path, ram_image: &Path, expected: &Expected) -> Result<Verified, VerifyError> {
+    let parser = KernelDumpParser::new(dump).map_err(|e| VerifyError::Parse {
+        path: dump.to_owned(),
+        message: e.to_string(),
+    })?;
+    let bytes = map(dump)?;
+    let ram = map(ram_image)?;
+    let mut v = Verified { dump_bytes: bytes.len() as u64, ..Default::default() };
+    v.checks.push("kdmp-parser opens the dump".into());
+
+    let headers = parser.headers();
+    if parser.dump_type() != expected.dump_type {
+        return Err(mismatch(format!(
+            "dump type {:?}, expected {:?}",
+            parser.dump_type(),
+            expected.dump_type
+        )));
+    }
+    v.checks.push(format!("dump type {:?}", expected.dump_type));
+    if headers.bug_check_code != expected.bugcheck_code {
+        return Err(mismatch(format!(
+            "bug-check code {:#x}, expected {:#x}",
+            headers.bug_check_code, expected.bugcheck_code
+        )));
+    }
+    if let Some(params) = expected.bugcheck_parameters {
+        if headers.bug_check_code_parameters != params {
+            return Err(mismatch(format!(
+                "bug-check parameters {:#x?}, expected {params:#x?}",
+                headers.bug_check_code_parameters
+            )));
+        }
+    }
+    v.checks.push(format!("bug check {:#010x} and its parameters", expected.bugcheck_code));
+    if headers.required_dump_space != bytes.len() as i64 {
+        return Err(mismatch(format!(
+            "RequiredDumpSpace {} but the file has {} bytes",
+            headers.required_dump_space,
+            bytes.len()
+        )));
+    }
+
+    for (gpa, offset) in parser.physmem() {
+        let gpa = u64::from(gpa);
+        let pfn = gpa / PAGE as u64;
+        v.pages += 1;
+        let in_dump = usize::try_from(offset)
+            .ok()
+            .and_then(|o| bytes.get(o..o.checked_add(PAGE)?))
+            .ok_or_else(|| mismatch(format!("page {pfn:#x} lies past the end of the dump")))?;
+        let in_ram = usize::try_from(gpa)
+            .ok()
+            .and_then(|a| ram.get(a..a.checked_add(PAGE)?))
+            .ok_or_else(|| mismatch(format!("page {pfn:#x} is outside QEMU's RAM image")))?;
+        if in_dump == in_ram {
+            v.pages_equal += 1;
+        } else if expected.modified_pfns.contains(&pfn) {
+            v.pages_declared_modified += 1;
+        } else {
+            let at = in_dump.iter().zip(in_ram).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(mismatch(format!(
+                "physical page {pfn:#x} differs from QEMU's memory at byte {at:#x} \
+                 (dump {:#04x}, QEMU {:#04x}) and was not declared modified",
+                in_dump[at], in_ram[at]
+            )));
+        }
+    }
+    if v.pages == 0 {
+        return Err(mismatch("the dump holds no physical pages".into()));
+    }
+    v.checks.push(format!(
+        "{} physical pages equal QEMU's memory ({} declared modified)",
+        v.pages_equal, v.pages_declared_modified
+    ));
+
+    if let Some((va, value)) = expected.variable {
+        let reader = kdmp_parser::virt::Reader::with_dtb(&parser, Gpa::new(headers.directory_table_base));
+        let mut buf = [0u8; 8];
+        reader
+            .read_exact(Gva::new(va), &mut buf)
+            .map_err(|e| mismatch(format!("virtual read of {va:#x} through the DTB failed: {e}")))?;
+        if u64::from_le_bytes(buf) != value {
+            return Err(mismatch(format!(
+                "guest variable at {va:#x} reads {:#x} through the DTB, expected {value:#x}",
+                u64::from_le_bytes(buf)
+            )));
+        }
+        v.checks.push(format!(
+            "variable at {va:#x} = {value:#x} through DirectoryTableBase {:#x}",
+            headers.directory_table_base
+        ));
+    }
+
+    if let Some((guid, contents)) = &expected.secondary {
+        let blob = crashmon_dump_writer::find_secondary_blob(&bytes, guid)
+            .ok_or_else(|| mismatch(format!("no secondary data block tagged {}", guid_string(guid))))?;
+        if let Some(want) = contents {
+            if blob != want.as_slice() {
+                return Err(mismatch(format!(
+                    "secondary block {} holds {} bytes that differ from the expected {}",
+                    guid_string(guid),
+                    blob.len(),
+                    want.len()
+                )));
+            }
+        }
+        v.checks.push(format!("secondary data block {} ({} bytes)", guid_string(guid), blob.len()));
+    }
+    Ok(v)
+}
+
+/// A GUID in its usual text form, from its memory layout (Data1..3 little endian).
+pub fn guid_string(g: &[u8; 16]) -> String {
+    format!(
+        "{{{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{}}}",
+        u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
+        u16::from_le_bytes([g[4], g[5]]),
+        u16::from_le_bytes([g[6], g[7]]),
+        g[8],
+        g[9],
+        g[10..].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crashmon_dump_writer::{
+        self as dw, BugCheck, Context, DumpIoType, DumpKind, DumpPlan, Run, SecondaryBlob,
+        WriteOrder,
+    };
+    use std::io::Write;
+
+    struct Ram(Vec<u8>);
+    impl dw::PhysicalMemory for Ram {
+        fn page(&self, pfn: u64) -> &[u8] {
+            let at = pfn as usize * PAGE;
+            &self.0[at..at + PAGE]
+        }
+    }
+    struct File_(Vec<u8>);
+    impl dw::DumpSink for File_ {
+        fn dump_io(&mut self, offset: u64, buffer: &[u8], _kind: DumpIoType) {
+            let at = if offset == u64::MAX { self.0.len() } else { offset as usize };
+            if self.0.len() < at + buffer.len() {
+                self.0.resize(at + buffer.len(), 0);
+            }
+            self.0[at..at + buffer.len()].copy_from_slice(buffer);
+        }
+    }
+
+    const GUID: [u8; 16] = *b"crashmon-test-id";
+
+    /// 64 pages of RAM; page 1 is a PML4 / page 2 a PDPT / page 3 a PD mapping the first 2 MiB
+    /// at virtual 0xffff800000000000; the variable sits in page 9.
+    fn ram() -> Vec<u8> {
+        let mut ram: Vec<u8> = (0..64 * PAGE).map(|i| (i * 31 / 7) as u8).collect();
+        let put = |ram: &mut Vec<u8>, at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        for p in 1..4 {
+            ram[p * PAGE..(p + 1) * PAGE].fill(0);
+        }
+        put(&mut ram, PAGE + 256 * 8, 2 * PAGE as u64 | 3);
+        put(&mut ram, 2 * PAGE, 3 * PAGE as u64 | 3);
+        put(&mut ram, 3 * PAGE, 0x83); // 2 MiB page at physical 0
+        put(&mut ram, 9 * PAGE + 16, 0x1234_5678_9abc_def0);
+        ram
+    }
+
+    fn write(ram: &[u8], dir: &Path) -> (PathBuf, PathBuf) {
+        let ctx = Context::zeroed();
+        let plan = DumpPlan {
+            kind: DumpKind::Full,
+            order: WriteOrder::Sequential,
+            bugcheck: BugCheck { code: 0xD1, parameters: [1, 2, 3, 4] },
+            context: &ctx,
+            directory_table_base: PAGE as u64,
+            runs: &[Run { base_page: 0, page_count: 64 }],
+            number_processors: 1,
+            kd_debugger_data_block: 0,
+            ps_loaded_module_list: 0,
+            ps_active_process_head: 0,
+            pfn_database: 0,
+            secondary: &[SecondaryBlob { guid: GUID, data: b"driver state" }],
+            system_time: 0,
+            system_up_time: 0,
+            chunk_size: 0x4000,
+        };
+        let mut scratch = vec![0u8; dw::scratch_size(&plan)];
+        let mut out = File_(Vec::new());
+        dw::write_dump(&plan, &Ram(ram.to_vec()), &mut scratch, &mut out).unwrap();
+        let dump = dir.join("d.dmp");
+        let image = dir.join("ram.bin");
+        File::create(&dump).unwrap().write_all(&out.0).unwrap();
+        File::create(&image).unwrap().write_all(ram).unwrap();
+        (dump, image)
+    }
+
+    fn expected() -> Expected {
+        Expected {
+            dump_type: DumpType::Full,
+            bugcheck_code: 0xD1,
+            bugcheck_parameters: Some([1, 2, 3, 4]),
+            modified_pfns: BTreeSet::new(),
+            variable: Some((0xffff_8000_0000_0000 + 9 * PAGE as u64 + 16, 0x1234_5678_9abc_def0)),
+            secondary: Some((GUID, Some(b"driver state".to_vec()))),
+        }
+    }
+
+    #[test]
+    fn a_faithful_dump_passes_every_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dump, image) = write(&ram(), dir.path());
+        let v = verify(&dump, &image, &expected()).unwrap();
+        assert_eq!((v.pages, v.pages_equal), (64, 64));
+        assert_eq!(v.checks.len(), 6, "{:?}", v.checks);
+    }
+
+    #[test]
+    fn every_kind_of_lie_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram0 = ram();
+        let (dump, image) = write(&ram0, dir.path());
+        // QEMU saw different bytes in page 20 than the dump holds.
+        let mut other = ram0.clone();
+        other[20 * PAGE + 5] ^= 0xFF;
+        std::fs::write(&image, &other).unwrap();
+        let e = verify(&dump, &image, &expected()).unwrap_err().to_string();
+        assert!(e.contains("page 0x14 differs"), "{e}");
+        // ... unless the guest declared it.
+        let mut declared = expected();
+        declared.modified_pfns.insert(20);
+        assert_eq!(verify(&dump, &image, &declared).unwrap().pages_declared_modified, 1);
+        std::fs::write(&image, &ram0).unwrap();
+        let cases: [(fn(&mut Expected), &str); 5] = [
+            (|e| e.bugcheck_code = 0x50, "bug-check code"),
+            (|e| e.bugcheck_parameters = Some([1, 2, 3, 5]), "parameters"),
+            (|e| e.dump_type = DumpType::Bmp, "dump type"),
+            (|e| e.variable = Some((e.variable.unwrap().0, 7)), "guest variable"),
+            (|e| e.secondary = Some((*b"some-other-guid!", None)), "no secondary"),
+        ];
+        for (change, needle) in cases {
+            let mut e = expected();
+            change(&mut e);
+            let err = verify(&dump, &image, &e).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        // A truncated dump is refused.
+        let bytes = std::fs::read(&dump).unwrap();
+        std::fs::write(&dump, &bytes[..bytes.len() - PAGE]).unwrap();
+        assert!(verify(&dump, &image, &expected()).is_err());
+    }
+
+    #[test]
+    fn guid_text() {
+        let g = [0x78, 0x56, 0x34, 0x12, 0xbc, 0x9a, 0xf0, 0xde, 1, 2, 3, 4, 5, 6, 7, 8];
+        assert_eq!(guid_string(&g), "{12345678-9abc-def0-0102-030405060708}");
+    }
+}
