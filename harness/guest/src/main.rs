@@ -32,6 +32,7 @@ pub mod services;
 pub mod triggers;
 pub mod workload;
 
+use crashmon_card_abi::SessionState;
 use crashmon_guest_driver::CrashmonDriver;
 
 /// The crashmon driver, as it would sit in a Windows driver's non-paged data. Its callback
@@ -60,7 +61,7 @@ fn start_driver() -> Result<(), &'static str> {
 pub fn driver_summary() {
     let s = DRIVER.session();
     println!(
-        "CRASHMON DRIVER SESSION calls={} bytes={} announced={} complete={} error={} final={:?}",
+        "CRASHMON DRIVER SESSION calls={} bytes={} announced={:#x} complete={} error={} final={}",
         s.dump_io_calls,
         s.bytes,
         s.announced.map_or(0, |a| a.0 as u64),
@@ -71,7 +72,15 @@ pub fn driver_summary() {
             Some(crashmon_guest_driver::CardError::Refused(c)) => c.name(),
             Some(_) => "card",
         },
-        s.final_state,
+        match s.final_state {
+            None => "none",
+            Some(SessionState::Idle) => "idle",
+            Some(SessionState::Armed) => "armed",
+            Some(SessionState::BugCheckAnnounced) => "announced",
+            Some(SessionState::Streaming) => "streaming",
+            Some(SessionState::Complete) => "complete",
+            Some(SessionState::Aborted) => "aborted",
+        },
     );
 }
 

@@ -32,7 +32,7 @@ pub fn register() -> Result<(), &'static str> {
             RECORD.get(),
             misbehaving_callback,
             KbCallbackSecondaryDumpData,
-            b"crashmon-misbehave\0".as_ptr() as PUCHAR,
+            c"crashmon-misbehave".as_ptr() as PUCHAR,
         )
     };
     if ok { Ok(()) } else { Err("registering the misbehaving callback") }

@@ -117,7 +117,7 @@ pub fn init(info: &BootInfo, seed: u64) -> Result<(), &'static str> {
             ADD_PAGES_RECORD.get(),
             add_var_page,
             KbCallbackAddPages,
-            b"crashmon-guest\0".as_ptr() as PUCHAR,
+            c"crashmon-guest".as_ptr() as PUCHAR,
         )
     };
     if !registered {
