@@ -258,6 +258,27 @@ pub unsafe fn KeDeregisterBugCheckCallback(CallbackRecord: *mut KBUGCHECK_CALLBA
     removed as BOOLEAN
 }
 
+/// How many reason and legacy callbacks are registered (under the lock; not on the bug-check
+/// path).
+pub fn registered() -> (usize, usize) {
+    let count = |head: *mut LIST_ENTRY| {
+        let mut n = 0;
+        // SAFETY: the list is intact and the lock (held by the caller below) keeps it so.
+        unsafe {
+            let mut entry = (*head).Flink;
+            while !entry.is_null() && entry != head {
+                n += 1;
+                entry = (*entry).Flink;
+            }
+        }
+        n
+    };
+    let Some(old) = LIST_LOCK.acquire() else { return (0, 0) };
+    let counts = (count(REASON_LIST.get()), count(LEGACY_LIST.get()));
+    LIST_LOCK.release(old);
+    counts
+}
+
 /// The guest's implementation of the driver's [`BugCheckRegistry`]: the `Ke*` routines above.
 pub struct GuestRegistry;
 

@@ -45,15 +45,28 @@ fn fail(what: &str) {
 }
 
 /// The driver's "DriverEntry": find the card and start the driver (probe, reset, arm,
-/// register its callbacks).
+/// register its callbacks). The first start is followed by an unload (`stop`: deregistration
+/// of all four callbacks, card reset) and a second start, as a driver reload would do, and
+/// the callback lists are checked after each step.
 fn start_driver() -> Result<(), &'static str> {
     let (_, io) = pci::find_card()?;
-    DRIVER.start(io, &bugcheck::GuestRegistry).map_err(|e| match e {
-        crashmon_guest_driver::driver::StartError::AlreadyStarted => "driver already started",
-        crashmon_guest_driver::driver::StartError::Card(_) => "the card refused probe or arm",
-        crashmon_guest_driver::driver::StartError::RegistrationFailed => "registering the driver's callbacks",
-    })?;
-    println!("CRASHMON DRIVER started");
+    let start = || {
+        DRIVER.start(io, &bugcheck::GuestRegistry).map_err(|e| match e {
+            crashmon_guest_driver::driver::StartError::AlreadyStarted => "driver already started",
+            crashmon_guest_driver::driver::StartError::Card(_) => "the card refused probe or arm",
+            crashmon_guest_driver::driver::StartError::RegistrationFailed => "registering the driver's callbacks",
+        })
+    };
+    let before = bugcheck::registered();
+    start()?;
+    if bugcheck::registered() != (before.0 + 3, before.1 + 1) {
+        return Err("the driver did not register three reason callbacks and one legacy callback");
+    }
+    if !DRIVER.stop(&bugcheck::GuestRegistry) || bugcheck::registered() != before {
+        return Err("unloading the driver left callbacks registered");
+    }
+    start()?;
+    println!("CRASHMON DRIVER started (after a load/unload/load cycle)");
     Ok(())
 }
 
