@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `BugCheckAddPagesCallback` | `KbCallbackAddPages` | learns the bug-check code; adds the pages holding the driver's own state to the dump |
 //! | `BugCheckSecondaryDumpDataCallback` | `KbCallbackSecondaryDumpData` | answers the size query, then supplies a [`SECONDARY_DATA_SIZE`]-byte block tagged [`CRASHMON_SECONDARY_GUID`] (see [`SecondaryData`]) |
-//! | `BugCheckDumpIoCallback` | `KbCallbackDumpIo` | announces the bug check to the card before the first byte, then streams every `KBUGCHECK_DUMP_IO` (header, body, secondary data, `KbDumpIoComplete`) through [`Card::dump_io`] |
+//! | `BugCheckDumpIoCallback` | `KbCallbackDumpIo` | announces the bug check to the card before the first byte (code and parameters from the `DUMP_HEADER64` when the first buffer is the header), then streams every `KBUGCHECK_DUMP_IO` (header, body, secondary data, `KbDumpIoComplete`) through [`Card::dump_io`] |
 //! | `BugCheckCallback` (legacy) | - | runs after the dump: [`Card::abort`] leaves the card in a known final state (closes an unfinished session; a no-op after completion) |
 //!
 //! ## State without locks
@@ -551,15 +551,20 @@ impl<Io: CardIo> DriverState<Io> {
                 return;
             }
         };
-        if session.announced.is_none() && kind != DumpIoType::Complete {
-            if let Some((code, parameters)) = bugcheck_of(kind, buffer).or(session.add_pages_code.map(|c| (c, [0; 4]))) {
+        if session.dump_io_calls == 1 && kind != DumpIoType::Complete {
+            // Announce before the first byte when the first buffer is the dump header, which
+            // holds the code and all four parameters (Windows writes the header first). When it
+            // is not (an out-of-order dump that starts with the body), the driver knows at most
+            // the code (from AddPages), not the parameters, and the card would record whatever
+            // is announced as the bug check; so it does not announce: the first doorbell opens
+            // the session and the host reads code and parameters from the header when it
+            // arrives.
+            if let Some((code, parameters)) = bugcheck_of(kind, buffer) {
                 session.announced = Some((code, parameters));
                 if let Err(e) = card.announce(code, parameters) {
                     session.first_error.get_or_insert(e);
                 }
             }
-            // Without a code the first doorbell opens the session and the host reads the code
-            // from the header itself.
         }
         match card.dump_io(offset, kind, buffer) {
             Ok(()) if kind == DumpIoType::Complete => session.complete = true,
@@ -839,7 +844,7 @@ mod tests {
     }
 
     #[test]
-    fn unfinished_dump_is_aborted_and_add_pages_code_is_announced() {
+    fn out_of_order_dump_is_not_announced_with_guessed_parameters_and_unfinished_is_aborted() {
         static CARD: FakeCard = FakeCard { inner: Mutex::new(FakeInner { regs: [0; 32], state: 0, completed: 0, announces: Vec::new(), chunks: Vec::new(), commands: Vec::new() }) };
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry::default();
@@ -848,9 +853,13 @@ mod tests {
         let mut pages = KBUGCHECK_ADD_PAGES { Context: ptr::null_mut(), Flags: 0, BugCheckCode: 0x8E, Address: 0, Count: 0 };
         // SAFETY: as the system calls it.
         unsafe { routine(KbCallbackAddPages, record, as_pvoid(&mut pages), size_of::<KBUGCHECK_ADD_PAGES>() as u32) };
-        // A body chunk first (out of order): no header to read, so the AddPages code is used.
+        // A body chunk first (out of order): the parameters are unknown, so no announce; the
+        // header that comes later is streamed like any chunk and the host reads it.
         dump_io(&reg, 0x2000, KbDumpIoBody, &mut [1u8; 4]);
-        assert_eq!(CARD.inner.lock().unwrap().announces, [(0x8E, [0; 4])]);
+        dump_io(&reg, 0, KbDumpIoHeader, &mut header(0x8E, [0xC000_0094, 1, 2, 0])[..0x1000]);
+        assert!(CARD.inner.lock().unwrap().announces.is_empty());
+        assert_eq!(CARD.inner.lock().unwrap().chunks.len(), 1 + 0x1000 / 16);
+        assert_eq!(DRIVER.session().add_pages_code, Some(0x8E));
         let (_, routine, buffer, length) = reg.legacy.lock().unwrap()[0];
         // SAFETY: as the system calls it.
         unsafe { routine(buffer as PVOID, length) };
