@@ -5,15 +5,20 @@
 //! * [`vm`]: launch QEMU with the card attached, from the argument files in `qemu-config/`;
 //! * [`qmp`]: drive and inspect the running VM over QMP;
 //! * [`pci`]: find the card in QEMU's view of the PCI bus;
+//! * [`guest`], [`serial`]: build the test guest and read its serial log;
+//! * [`scenario`]: one crash end to end, checked;
 //! * [`verify`]: check a dump with kdmp-parser and against QEMU's own image of guest RAM.
 //!
 //! The binary `crashmon-harness` puts these together (`provision-qemu`, `demo`, `qemu-line`);
 //! the integration tests use them directly.
 
 pub mod device;
+pub mod guest;
 pub mod pci;
 pub mod qemu;
 pub mod qmp;
+pub mod scenario;
+pub mod serial;
 pub mod verify;
 pub mod vm;
 

@@ -123,11 +123,13 @@ impl QmpClient {
 
     /// Runs one command and returns its result; events that arrive meanwhile are queued.
     pub fn execute<C: qapi::Command>(&mut self, command: &C) -> Result<C::Ok, QmpError> {
-        let line = serde_json::to_vec(&qapi::Execute::<&C>::new(command, None))
+        let mut line = serde_json::to_vec(&qapi::Execute::<&C>::new(command, None))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         log::debug!("qmp -> {}", String::from_utf8_lossy(&line));
+        // One write: QEMU acts on a complete JSON object without waiting for the newline, so
+        // after `quit` a separate newline write could meet a closed socket.
+        line.push(b'\n');
         self.writer.write_all(&line)?;
-        self.writer.write_all(b"\n")?;
         self.writer.flush()?;
 
         let deadline = Instant::now() + COMMAND_TIMEOUT;
@@ -194,9 +196,23 @@ impl QmpClient {
         })
     }
 
-    /// `quit`: QEMU exits at once. The connection closes after the answer.
+    /// `quit`: QEMU exits at once. The connection closes after the answer, and may close
+    /// before it arrives: that is QEMU quitting too, not a failure.
     pub fn quit(&mut self) -> Result<(), QmpError> {
-        self.execute(&qmp::quit {}).map(drop)
+        match self.execute(&qmp::quit {}) {
+            Ok(_) | Err(QmpError::Closed) => Ok(()),
+            Err(QmpError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Takes every event received so far.

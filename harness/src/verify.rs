@@ -34,6 +34,51 @@ pub struct Expected {
     /// GUID (memory layout) of a secondary data block that must be present, and its
     /// expected contents when known.
     pub secondary: Option<([u8; 16], Option<Vec<u8>>)>,
+    /// The guest's deterministic workload, whose every page's content is known.
+    pub workload: Option<Workload>,
+}
+
+/// The test guest's workload: every 8-byte word at physical address `pa` in `[start, end)` is
+/// `splitmix64(pa ^ seed)`, except on the variable's page. In a bitmap dump the pages with
+/// `pfn % 4 == 3` count as free and must be absent, except the variable's page, which the
+/// guest's AddPages callback adds back.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// First physical address.
+    pub start: u64,
+    /// End physical address (exclusive).
+    pub end: u64,
+    /// The seed.
+    pub seed: u64,
+    /// The variable's page, which holds other data.
+    pub var_pfn: u64,
+}
+
+impl Workload {
+    fn contains(&self, pfn: u64) -> bool {
+        (self.start / PAGE as u64..self.end / PAGE as u64).contains(&pfn)
+    }
+
+    fn is_free(&self, pfn: u64) -> bool {
+        self.contains(pfn) && pfn % 4 == 3 && pfn != self.var_pfn
+    }
+
+    /// Whether `page` (at page frame `pfn`) holds the expected words.
+    fn page_is_intact(&self, pfn: u64, page: &[u8]) -> bool {
+        page.chunks_exact(8).enumerate().all(|(i, w)| {
+            let pa = pfn * PAGE as u64 + 8 * i as u64;
+            w == splitmix64(pa ^ self.seed).to_le_bytes()
+        })
+    }
+}
+
+/// splitmix64's output function (Steele, Lea and Flood), written here independently of the
+/// guest's copy.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// What passed.
@@ -47,6 +92,8 @@ pub struct Verified {
     pub pages_equal: u64,
     /// Declared-modified pages that did differ (allowed).
     pub pages_declared_modified: u64,
+    /// Workload pages whose every word was checked.
+    pub workload_pages: u64,
     /// Human-readable list of the checks that passed.
     pub checks: Vec<String>,
 }
@@ -88,15 +135,19 @@ fn map(path: &Path) -> Result<Mmap, VerifyError> {
     unsafe { Mmap::map(&file) }.map_err(io)
 }
 
-/// Checks `dump` against `expected` and `ram_image` (QEMU's `pmemsave` of guest physical
-/// memory from address 0).
-pub fn verify(dump: &Path, ram_image: &Path, expected: &Expected) -> Result<Verified, VerifyError> {
+/// Checks `dump` against `expected` and, when given, `ram_image` (QEMU's `pmemsave` of guest
+/// physical memory from address 0).
+pub fn verify(
+    dump: &Path,
+    ram_image: Option<&Path>,
+    expected: &Expected,
+) -> Result<Verified, VerifyError> {
     let parser = KernelDumpParser::new(dump).map_err(|e| VerifyError::Parse {
         path: dump.to_owned(),
         message: e.to_string(),
     })?;
     let bytes = map(dump)?;
-    let ram = map(ram_image)?;
+    let ram = ram_image.map(map).transpose()?;
     let mut v = Verified { dump_bytes: bytes.len() as u64, ..Default::default() };
     v.checks.push("kdmp-parser opens the dump".into());
 
@@ -132,6 +183,7 @@ pub fn verify(dump: &Path, ram_image: &Path, expected: &Expected) -> Result<Veri
         )));
     }
 
+    let mut present = BTreeSet::new();
     for (gpa, offset) in parser.physmem() {
         let gpa = u64::from(gpa);
         let pfn = gpa / PAGE as u64;
@@ -140,6 +192,18 @@ pub fn verify(dump: &Path, ram_image: &Path, expected: &Expected) -> Result<Veri
             .ok()
             .and_then(|o| bytes.get(o..o.checked_add(PAGE)?))
             .ok_or_else(|| mismatch(format!("page {pfn:#x} lies past the end of the dump")))?;
+        present.insert(pfn);
+        if let Some(w) = &expected.workload {
+            if w.contains(pfn) && pfn != w.var_pfn && !expected.modified_pfns.contains(&pfn) {
+                if !w.page_is_intact(pfn, in_dump) {
+                    return Err(mismatch(format!(
+                        "workload page {pfn:#x} in the dump does not hold its known content"
+                    )));
+                }
+                v.workload_pages += 1;
+            }
+        }
+        let Some(ram) = &ram else { continue };
         let in_ram = usize::try_from(gpa)
             .ok()
             .and_then(|a| ram.get(a..a.checked_add(PAGE)?))
@@ -160,10 +224,34 @@ pub fn verify(dump: &Path, ram_image: &Path, expected: &Expected) -> Result<Veri
     if v.pages == 0 {
         return Err(mismatch("the dump holds no physical pages".into()));
     }
-    v.checks.push(format!(
-        "{} physical pages equal QEMU's memory ({} declared modified)",
-        v.pages_equal, v.pages_declared_modified
-    ));
+    if ram.is_some() {
+        v.checks.push(format!(
+            "{} physical pages equal QEMU's memory ({} declared modified)",
+            v.pages_equal, v.pages_declared_modified
+        ));
+    }
+    if let Some(w) = &expected.workload {
+        if v.workload_pages == 0 {
+            return Err(mismatch("no workload page in the dump".into()));
+        }
+        v.checks.push(format!("{} workload pages hold their known content", v.workload_pages));
+        if expected.dump_type == DumpType::Bmp {
+            if let Some(pfn) = present.iter().find(|&&pfn| w.is_free(pfn)) {
+                return Err(mismatch(format!("free page {pfn:#x} is in the bitmap dump")));
+            }
+            if !present.contains(&w.var_pfn) {
+                return Err(mismatch(format!(
+                    "the page {:#x} added by AddPages is missing from the bitmap dump",
+                    w.var_pfn
+                )));
+            }
+            let used = (w.start / PAGE as u64..w.end / PAGE as u64).filter(|&p| !w.is_free(p));
+            if let Some(pfn) = used.clone().find(|p| !present.contains(p)) {
+                return Err(mismatch(format!("page in use {pfn:#x} is missing from the bitmap dump")));
+            }
+            v.checks.push("bitmap holds exactly the pages in use plus the AddPages page".into());
+        }
+    }
 
     if let Some((va, value)) = expected.variable {
         let reader = kdmp_parser::virt::Reader::with_dtb(&parser, Gpa::new(headers.directory_table_base));
@@ -295,6 +383,7 @@ mod tests {
             modified_pfns: BTreeSet::new(),
             variable: Some((0xffff_8000_0000_0000 + 9 * PAGE as u64 + 16, 0x1234_5678_9abc_def0)),
             secondary: Some((GUID, Some(b"driver state".to_vec()))),
+            workload: None,
         }
     }
 
@@ -302,7 +391,7 @@ mod tests {
     fn a_faithful_dump_passes_every_check() {
         let dir = tempfile::tempdir().unwrap();
         let (dump, image) = write(&ram(), dir.path());
-        let v = verify(&dump, &image, &expected()).unwrap();
+        let v = verify(&dump, Some(&image), &expected()).unwrap();
         assert_eq!((v.pages, v.pages_equal), (64, 64));
         assert_eq!(v.checks.len(), 6, "{:?}", v.checks);
     }
@@ -316,12 +405,12 @@ mod tests {
         let mut other = ram0.clone();
         other[20 * PAGE + 5] ^= 0xFF;
         std::fs::write(&image, &other).unwrap();
-        let e = verify(&dump, &image, &expected()).unwrap_err().to_string();
+        let e = verify(&dump, Some(&image), &expected()).unwrap_err().to_string();
         assert!(e.contains("page 0x14 differs"), "{e}");
         // ... unless the guest declared it.
         let mut declared = expected();
         declared.modified_pfns.insert(20);
-        assert_eq!(verify(&dump, &image, &declared).unwrap().pages_declared_modified, 1);
+        assert_eq!(verify(&dump, Some(&image), &declared).unwrap().pages_declared_modified, 1);
         std::fs::write(&image, &ram0).unwrap();
         let cases: [(fn(&mut Expected), &str); 5] = [
             (|e| e.bugcheck_code = 0x50, "bug-check code"),
@@ -333,13 +422,44 @@ mod tests {
         for (change, needle) in cases {
             let mut e = expected();
             change(&mut e);
-            let err = verify(&dump, &image, &e).unwrap_err().to_string();
+            let err = verify(&dump, Some(&image), &e).unwrap_err().to_string();
             assert!(err.contains(needle), "{needle}: {err}");
         }
         // A truncated dump is refused.
         let bytes = std::fs::read(&dump).unwrap();
         std::fs::write(&dump, &bytes[..bytes.len() - PAGE]).unwrap();
-        assert!(verify(&dump, &image, &expected()).is_err());
+        assert!(verify(&dump, Some(&image), &expected()).is_err());
+    }
+
+    #[test]
+    fn workload_content_is_checked_word_by_word() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ram0 = ram();
+        let seed = 0xfeed;
+        for pfn in 16..64u64 {
+            for i in 0..PAGE / 8 {
+                let pa = pfn * PAGE as u64 + 8 * i as u64;
+                let at = pa as usize;
+                ram0[at..at + 8].copy_from_slice(&splitmix64(pa ^ seed).to_le_bytes());
+            }
+        }
+        let mut e = expected();
+        e.variable = None;
+        e.workload = Some(Workload { start: 16 * PAGE as u64, end: 64 * PAGE as u64, seed, var_pfn: 9 });
+        let (dump, image) = write(&ram0, dir.path());
+        assert_eq!(verify(&dump, Some(&image), &e).unwrap().workload_pages, 48);
+        assert_eq!(verify(&dump, None, &e).unwrap().pages_equal, 0, "no image, no comparison");
+        let mut bad = ram0.clone();
+        bad[40 * PAGE + 8] ^= 1; // the dump and QEMU agree, but the content is not the workload's
+        let (dump, _) = write(&bad, dir.path());
+        let err = verify(&dump, None, &e).unwrap_err().to_string();
+        assert!(err.contains("workload page 0x28"), "{err}");
+    }
+
+    #[test]
+    fn splitmix64_reference_values() {
+        // First outputs of the reference generator seeded with 0 (state += golden gamma).
+        assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
     }
 
     #[test]
