@@ -3,12 +3,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use crashmon_harness::device::{self, DeviceConfig, DeviceProcess};
 use crashmon_harness::qemu::{Qemu, QemuSource};
-use crashmon_harness::vm::{self, Vm, VmConfig};
+use crashmon_harness::scenario::{self, Rig, Running, Scenario, Trigger};
+use crashmon_harness::vm;
 use crashmon_harness::{pci, workspace_root};
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -17,23 +16,44 @@ struct Cli {
     command: Cmd,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TriggerArg {
+    /// KeBugCheckEx(0xDEAD0001, ...).
+    Bugcheck,
+    /// QMP inject-nmi from the host: bug check 0x80.
+    Nmi,
+    /// A read of an unmapped address: bug check 0x50.
+    Pagefault,
+    /// A divide by zero: bug check 0x8E.
+    Divide,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Find a QEMU with vfio-user-pci (CRASHMON_QEMU, then PATH), or provision one into the
     /// cache folder (needs root); print its path and version.
     ProvisionQemu,
-    /// Start the device model and a VM with the card, show the card on the VM's PCI bus, print
-    /// how to attach the card to your own VM, and shut everything down.
+    /// The demo: a guest bug checks inside QEMU, its dump streams through the card to the
+    /// host, and the dump is verified (kdmp-parser, and every page against QEMU's own memory).
     Demo {
         /// Folder for dumps (in `dumps/`) and the run's logs (in `logs/`).
         #[arg(long, value_name = "DIR", default_value_os_t = workspace_root().join("crashmon-out"))]
         out: PathBuf,
-        /// Guest RAM in MiB.
-        #[arg(long, default_value_t = 512)]
+        /// Guest RAM in MiB (16 to 2048).
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..=2048))]
         memory_mb: u32,
         /// Name of the demo VM, used in dump file names.
         #[arg(long, default_value = "crashmon-demo")]
         vm_name: String,
+        /// What crashes the guest.
+        #[arg(long, value_enum, default_value_t = TriggerArg::Bugcheck)]
+        trigger: TriggerArg,
+        /// Write a bitmap dump (type 5, pages in use) instead of a full dump (type 1).
+        #[arg(long)]
+        bitmap: bool,
+        /// Write with explicit offsets, back to front, instead of Offset -1 in file order.
+        #[arg(long)]
+        out_of_order: bool,
     },
     /// Print the QEMU options that attach the card served on SOCKET to a VM.
     QemuLine {
@@ -51,11 +71,19 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::ProvisionQemu => provision_qemu(),
-        Cmd::Demo {
-            out,
-            memory_mb,
-            vm_name,
-        } => demo(out, memory_mb, &vm_name),
+        Cmd::Demo { out, memory_mb, vm_name, trigger, bitmap, out_of_order } => {
+            let mut scenario = Scenario::new(&vm_name);
+            scenario.memory_mb = memory_mb;
+            scenario.bitmap = bitmap;
+            scenario.out_of_order = out_of_order;
+            match trigger {
+                TriggerArg::Bugcheck => {}
+                TriggerArg::Nmi => scenario.trigger = Trigger::Nmi,
+                TriggerArg::Pagefault => scenario.trigger = Trigger::PageFault,
+                TriggerArg::Divide => scenario.trigger = Trigger::Divide,
+            }
+            demo(out, &scenario)
+        }
         Cmd::QemuLine { socket, memory_mb } => qemu_line(socket, memory_mb),
     };
     if let Err(e) = result {
@@ -84,72 +112,49 @@ fn qemu_line(socket: PathBuf, memory_mb: u32) -> Result<()> {
     Ok(())
 }
 
-fn demo(out: PathBuf, memory_mb: u32, vm_name: &str) -> Result<()> {
+fn demo(out: PathBuf, scenario: &Scenario) -> Result<()> {
+    if !crashmon_device_model::capture::valid_vm_name(&scenario.name) {
+        bail!("--vm-name '{}' must be 1-64 of [A-Za-z0-9._-]", scenario.name);
+    }
     let out = std::path::absolute(&out)
         .with_context(|| format!("bad output folder {}", out.display()))?;
     let (dumps, logs) = (out.join("dumps"), out.join("logs"));
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    // Sockets live in a private temporary folder: short paths, nothing stale left behind.
+    // Sockets and QEMU's RAM image live in a private temporary folder.
     let runtime = tempfile::Builder::new()
         .prefix("crashmon-demo-")
         .tempdir()
         .context("cannot create a runtime folder")?;
 
-    let qemu = Qemu::find_or_provision().context("no usable QEMU")?;
-    println!("QEMU: {} ({})", qemu.version()?, qemu.binary().display());
-    let device_config = DeviceConfig {
-        binary: device::locate_binary()?,
-        socket: runtime.path().join("card.sock"),
-        output_dir: dumps.clone(),
-        vm_name: vm_name.to_owned(),
-        max_dump_size: None,
-        once: true,
-        log: logs.join("device.log"),
-    };
-    let mut card = DeviceProcess::spawn(&device_config, Duration::from_secs(30))?;
-    println!(
-        "device model: pid {}, serving the card on {}",
-        card.pid(),
-        card.socket().display()
-    );
+    let rig = Rig::prepare()?;
+    println!("QEMU:         {} ({})", rig.qemu.version()?, rig.qemu.binary().display());
+    println!("guest kernel: {}", rig.kernel.display());
+    let mut r = Running::start_with_dumps_in(&rig, scenario, runtime.path(), &dumps)?;
+    println!("device model: pid {}, card on {}", r.card.pid(), r.card.socket().display());
+    println!("guest:        -m {} -append '{}'", scenario.memory_mb, scenario.append());
 
-    let mut vm_config = VmConfig::new(vm_name, card.socket(), runtime.path());
-    vm_config.memory_mb = memory_mb;
-    let mut vm = Vm::launch(&qemu, &vm_config)?;
-    let mut qmp = vm
-        .connect_qmp(Duration::from_secs(60))
-        .context("QEMU did not come up")?;
-    let status = qmp.query_status()?;
-    println!(
-        "VM '{vm_name}': QEMU {} over QMP, status {:?}",
-        qmp.qemu_version(),
-        status.status
-    );
-
-    let buses = qmp.query_pci()?;
+    // Once the guest is up, its firmware has placed the card's BARs: show what QEMU sees.
+    r.wait_serial("READY", 1, scenario::CRASH_TIMEOUT)?;
+    let buses = r.qmp.query_pci()?;
     let Some(found) = pci::find_card(&buses) else {
-        bail!(
-            "the card is not on the VM's PCI bus; device model log:\n{}\nQEMU log:\n{}",
-            card.log_tail(),
-            vm.log_tail()
-        );
+        bail!("the card is not on the VM's PCI bus\n{}", r.logs());
     };
-    println!(
-        "\nThe card on the VM's PCI bus (query-pci):\n{}",
-        pci::describe(found)
-    );
-    match pci::datasheet_mismatches(found).as_slice() {
-        [] => println!("It matches the datasheet (crashmon_card_abi)."),
-        problems => bail!(
-            "the card does not match the datasheet: {}",
-            problems.join("; ")
-        ),
+    println!("\nThe card on the VM's PCI bus (QMP query-pci):\n{}", pci::describe(found));
+    if let [first, ..] = pci::datasheet_mismatches(found).as_slice() {
+        bail!("the card does not match the datasheet: {first}");
     }
+    println!("\nCrashing the guest with {} ...", scenario.describe_trigger());
+    let serial = r.vm.serial_log().to_owned();
+    let outcome = scenario::complete(r, scenario);
+    std::fs::copy(&serial, logs.join("serial.log")).ok();
+    std::fs::copy(runtime.path().join("device.log"), logs.join("device.log")).ok();
+    std::fs::copy(runtime.path().join("qemu.log"), logs.join("qemu.log")).ok();
+    let outcome = outcome?;
+    for d in &outcome.dumps {
+        println!("\nThe dump is on the host and verified:\n{}", d.report());
+    }
+    println!("Whole run: {:.1} s. Logs: {}", outcome.elapsed.as_secs_f64(), logs.display());
 
-    println!(
-        "\nDumps of crashes in this VM would go to {}",
-        dumps.display()
-    );
     println!("\nTo give your own VM the card, run the device model:");
     let example_socket = PathBuf::from("/run/crashmon/myvm.sock");
     println!(
@@ -160,22 +165,5 @@ fn demo(out: PathBuf, memory_mb: u32, vm_name: &str) -> Result<()> {
     let line = vm::shell_lines(&vm::card_args(&example_socket, 4096)?);
     println!("  {}", line.replace('\n', "\n  "));
     println!("(qemu-config/ has the same as a libvirt snippet and a systemd unit.)");
-
-    println!("\nShutting down: QMP quit");
-    qmp.quit()?;
-    let qemu_status = vm.wait_timeout(Duration::from_secs(30))?;
-    let device_status = card.wait_timeout(Duration::from_secs(30))?;
-    if !device_status.success() {
-        bail!(
-            "the device model exited with {device_status}; its log:\n{}",
-            card.log_tail()
-        );
-    }
-    println!(
-        "QEMU exited ({qemu_status}); the device model exited cleanly after the VM disconnected."
-    );
-    println!("Logs: {}", logs.display());
-    std::fs::copy(vm.serial_log(), logs.join("serial.log")).ok();
-    std::fs::copy(vm.log_path(), logs.join("qemu.log")).ok();
     Ok(())
 }

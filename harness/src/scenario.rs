@@ -106,6 +106,19 @@ impl Scenario {
         a
     }
 
+    /// What crashes the guest, in words.
+    pub fn describe_trigger(&self) -> String {
+        match self.trigger {
+            Trigger::BugCheck { code, parameters: p } => format!(
+                "KeBugCheckEx({code:#010x}, {:#x}, {:#x}, {:#x}, {:#x})",
+                p[0], p[1], p[2], p[3]
+            ),
+            Trigger::Nmi => "an NMI from the host (QMP inject-nmi)".into(),
+            Trigger::PageFault => "a read of an unmapped kernel address".into(),
+            Trigger::Divide => "a divide by zero".into(),
+        }
+    }
+
     fn dumps_expected(&self) -> usize {
         self.reboots as usize + 1
     }
@@ -176,11 +189,22 @@ pub struct Running {
 }
 
 impl Running {
-    /// Starts the device model and QEMU for `scenario` in `run_dir`.
+    /// Starts the device model and QEMU for `scenario` in `run_dir` (sockets, logs, the RAM
+    /// image), with dumps in `run_dir/dumps`.
     pub fn start(rig: &Rig, scenario: &Scenario, run_dir: &Path) -> Result<Running> {
+        Self::start_with_dumps_in(rig, scenario, run_dir, &run_dir.join("dumps"))
+    }
+
+    /// [`Running::start`] with dumps in `dumps_dir`.
+    pub fn start_with_dumps_in(
+        rig: &Rig,
+        scenario: &Scenario,
+        run_dir: &Path,
+        dumps_dir: &Path,
+    ) -> Result<Running> {
         ensure!(scenario.memory_mb <= 2048, "guest RAM above 2 GiB would straddle the PCI hole");
         std::fs::create_dir_all(run_dir)?;
-        let dumps_dir = run_dir.join("dumps");
+        let dumps_dir = dumps_dir.to_owned();
         let card = DeviceProcess::spawn(
             &DeviceConfig {
                 binary: rig.device.clone(),
@@ -292,7 +316,13 @@ pub const CRASH_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Runs `scenario` in `run_dir` and checks every dump it produces.
 pub fn run(rig: &Rig, scenario: &Scenario, run_dir: &Path) -> Result<Outcome> {
-    let mut r = Running::start(rig, scenario, run_dir)?;
+    complete(Running::start(rig, scenario, run_dir)?, scenario)
+}
+
+/// Takes a started scenario to its end: the NMI if it needs one, the crash(es), the dumps on
+/// the host, QEMU's RAM image, the checks, and a clean shutdown.
+pub fn complete(mut r: Running, scenario: &Scenario) -> Result<Outcome> {
+    let run_dir = r.run_dir.clone();
     if scenario.trigger == Trigger::Nmi {
         r.wait_serial("WAITING nmi", 1, CRASH_TIMEOUT)?;
         r.qmp.inject_nmi().with_context(|| format!("QMP inject-nmi\n{}", r.logs()))?;
@@ -322,7 +352,7 @@ pub fn run(rig: &Rig, scenario: &Scenario, run_dir: &Path) -> Result<Outcome> {
         dumps.push(checked);
     }
     let elapsed = r.finish()?;
-    Ok(Outcome { dumps, run_dir: run_dir.to_owned(), elapsed })
+    Ok(Outcome { dumps, run_dir, elapsed })
 }
 
 /// Checks one dump against what the guest said on serial and, if given, QEMU's RAM image.
