@@ -7,11 +7,13 @@
 //! * [`pci`]: find the card in QEMU's view of the PCI bus;
 //! * [`guest`], [`serial`]: build the test guest and read its serial log;
 //! * [`scenario`]: one crash end to end, checked;
+//! * [`bench`]: crashmon against QEMU's `dump-guest-memory`, in the same run;
 //! * [`verify`]: check a dump with kdmp-parser and against QEMU's own image of guest RAM.
 //!
 //! The binary `crashmon-harness` puts these together (`provision-qemu`, `demo`, `qemu-line`);
 //! the integration tests use them directly.
 
+pub mod bench;
 pub mod device;
 pub mod guest;
 pub mod pci;

@@ -55,6 +55,20 @@ enum Cmd {
         #[arg(long)]
         out_of_order: bool,
     },
+    /// Benchmark crashmon against QEMU's dump-guest-memory (the anchor) in the same run, and
+    /// write the table to a file.
+    Bench {
+        /// Guest RAM sizes in MiB, comma separated (16 to 2048 each).
+        #[arg(long, value_delimiter = ',', default_values_t = [128u32, 512, 1024, 2048],
+              value_parser = clap::value_parser!(u32).range(16..=2048))]
+        memory_mb: Vec<u32>,
+        /// Runs per size (the median is reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+        repeat: u64,
+        /// Where the Markdown table goes.
+        #[arg(long, value_name = "FILE", default_value_os_t = workspace_root().join("bench/results.md"))]
+        table: PathBuf,
+    },
     /// Print the QEMU options that attach the card served on SOCKET to a VM.
     QemuLine {
         /// The socket crashmon-device listens on (its --socket).
@@ -85,6 +99,7 @@ fn main() {
             demo(out, &scenario)
         }
         Cmd::QemuLine { socket, memory_mb } => qemu_line(socket, memory_mb),
+        Cmd::Bench { memory_mb, repeat, table } => bench(&memory_mb, repeat as usize, &table),
     };
     if let Err(e) = result {
         eprintln!("crashmon-harness: {e:#}");
@@ -102,6 +117,19 @@ fn provision_qemu() -> Result<()> {
     };
     println!("{}", qemu.binary().display());
     println!("{version} ({origin}, has vfio-user-pci)");
+    Ok(())
+}
+
+fn bench(sizes: &[u32], repeat: usize, table: &std::path::Path) -> Result<()> {
+    let rig = Rig::prepare()?;
+    let work = tempfile::Builder::new().prefix("crashmon-bench-").tempdir()?;
+    let rows = crashmon_harness::bench::run(&rig, sizes, repeat, work.path())?;
+    let text = crashmon_harness::bench::table(&rows, repeat, &rig.qemu.version()?);
+    if let Some(dir) = table.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(table, &text).with_context(|| format!("cannot write {}", table.display()))?;
+    println!("{text}\nwritten to {}", table.display());
     Ok(())
 }
 

@@ -321,7 +321,17 @@ pub fn run(rig: &Rig, scenario: &Scenario, run_dir: &Path) -> Result<Outcome> {
 
 /// Takes a started scenario to its end: the NMI if it needs one, the crash(es), the dumps on
 /// the host, QEMU's RAM image, the checks, and a clean shutdown.
-pub fn complete(mut r: Running, scenario: &Scenario) -> Result<Outcome> {
+pub fn complete(r: Running, scenario: &Scenario) -> Result<Outcome> {
+    complete_with(r, scenario, |_| Ok(()))
+}
+
+/// [`complete`], running `halted` once the guest has halted and its dumps are on the host, before
+/// QEMU's RAM image is taken (benchmarks time QEMU's own dump there).
+pub fn complete_with(
+    mut r: Running,
+    scenario: &Scenario,
+    halted: impl FnOnce(&mut Running) -> Result<()>,
+) -> Result<Outcome> {
     let run_dir = r.run_dir.clone();
     if scenario.trigger == Trigger::Nmi {
         r.wait_serial("WAITING nmi", 1, CRASH_TIMEOUT)?;
@@ -335,6 +345,7 @@ pub fn complete(mut r: Running, scenario: &Scenario) -> Result<Outcome> {
         found.len(),
         scenario.dumps_expected()
     );
+    halted(&mut r)?;
     let image = run_dir.join("guest-ram.img");
     r.qmp
         .pmemsave(0, u64::from(scenario.memory_mb) << 20, &image)
