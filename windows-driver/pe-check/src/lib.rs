@@ -1,0 +1,37 @@
+//! # Checks of crashmon.sys, the Windows driver, as built
+//!
+//! `windows-driver/build.sh` builds the driver on Linux; this crate reads the image it produced
+//! (with the `object` crate) and its linker map, decodes its machine code (with `iced-x86`), and
+//! checks what a Windows kernel requires of it and what the bug-check rules require of its
+//! callbacks. [`checks`] has the checks, `tests/driver.rs` runs them after building the driver,
+//! and `crashmon-pe-check PATH/crashmon.sys` runs them on any build.
+//!
+//! ## What the checks prove, and what they cannot
+//! They prove properties of the bytes: the headers (AMD64, PE32+, NATIVE, WDM driver,
+//! relocatable, valid checksum), the entry point (`DriverEntry`, in the discardable `INIT`
+//! section), the imports (ntoskrnl.exe and HAL.dll only, each classified by its documented
+//! IRQL), and the machine code reachable from the four bug-check callbacks: every instruction
+//! and every statically addressed datum is in a resident section (not `PAGE*`, not `INIT`, not
+//! discardable), and no import it can call is one a HIGH_LEVEL caller may not call (only
+//! `KeBugCheckEx`, which is documented for any IRQL, may be reached: it is the panic handler's).
+//! The reachability is conservative (see [`reach`]): jump tables are swept whole, and an indirect
+//! call the analysis cannot resolve fails the check rather than being ignored. A control check
+//! runs the same analysis from the PnP dispatch routine and must find its pageable code and its
+//! forbidden imports, so a blind analysis cannot pass.
+//!
+//! They cannot prove what is decided at run time: that the pointers the system passes are the
+//! resident buffers the contract promises, that memory reached through those pointers or through
+//! the driver's own mapped BARs is resident (it is, by the contract and by `MmMapIoSpaceEx`), that
+//! the polling loop terminates early (it is bounded by the core's `SLOT_WAIT_POLLS`), or that the
+//! driver works on a real Windows: loading it, and a crash streamed through the card from a
+//! Windows VM, is a manual step (see windows-driver/README.md). The IRQL table is transcribed
+//! from Microsoft's documentation, not derived from ntoskrnl.
+#![deny(missing_docs)]
+
+pub mod checks;
+pub mod image;
+pub mod inf;
+pub mod irql;
+pub mod map;
+pub mod package;
+pub mod reach;
