@@ -15,19 +15,23 @@
 #   1. $CRASHMON_RUST_SRC, a folder holding library/ (for example a rustc source tree);
 #   2. the toolchain's rust-src component, if installed (rustup component add rust-src);
 #   3. Debian's rust-src package of the same version, downloaded with apt in the Debian trixie
-#      tree that `crashmon-harness provision-qemu` builds in <repo>/.cache/qemu (trixie-backports
-#      carries the current Rust releases), unpacked into <repo>/.cache/windows-driver/. That step
-#      runs chroot, so as root.
-# The toolchain itself is never modified: in case 3 rustc is run with --sysroot pointing to a
-# folder in <repo>/.cache/windows-driver/ that links to the real sysroot plus the source.
+#      tree that `crashmon-harness provision-qemu` builds in <cache>/qemu (trixie-backports
+#      carries the current Rust releases), unpacked into <cache>/windows-driver/. That step runs
+#      chroot, so as root. <cache> is $CRASHMON_CACHE_DIR or <repo>/.cache, as for the harness.
+# The toolchain itself is never modified: in cases 1 and 3 rustc is run with --sysroot pointing
+# to a folder in <cache>/windows-driver/ that links to the real sysroot plus the source.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-CACHE="$ROOT/.cache/windows-driver"
+# The project's cache folder, as crashmon-harness has it ($CRASHMON_CACHE_DIR or <repo>/.cache).
+CACHE_ROOT="${CRASHMON_CACHE_DIR:-$ROOT/.cache}"
+mkdir -p "$CACHE_ROOT"
+CACHE_ROOT="$(cd "$CACHE_ROOT" && pwd)"
+CACHE="$CACHE_ROOT/windows-driver"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/windows-driver"
 PACKAGE="$TARGET_DIR/package"
-TREE="$ROOT/.cache/qemu/root"
+TREE="$CACHE_ROOT/qemu/root"
 TRIPLE=x86_64-pc-windows-msvc
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -61,9 +65,9 @@ flock 9
 fetch_debian_rust_src() {
     local dest="$CACHE/rust-src-$VERSION"
     [ -f "$dest/library/core/src/lib.rs" ] && { echo "$dest"; return; }
-    if [ ! -f "$ROOT/.cache/qemu/crashmon-provisioned" ]; then
+    if [ ! -f "$CACHE_ROOT/qemu/crashmon-provisioned" ]; then
         local harness="${CARGO_TARGET_DIR:-$ROOT/target}/release/crashmon-harness"
-        [ -x "$harness" ] || die "no Debian trixie tree in $ROOT/.cache/qemu: run ./crashmon setup first (it provisions it)"
+        [ -x "$harness" ] || die "no Debian trixie tree in $CACHE_ROOT/qemu: run ./crashmon setup first (it provisions it)"
         say "provisioning the Debian trixie tree ($harness provision-qemu)"
         "$harness" provision-qemu >&2
     fi
