@@ -156,10 +156,10 @@ RUSTC_BOOTSTRAP=1 RUSTC="$RUSTC_FOR_CARGO" CARGO_TARGET_DIR="$TARGET_DIR" \
     cargo build --release --locked >&2
 
 OUT="$TARGET_DIR/$TRIPLE/release"
-[ -f "$OUT/crashmon.dll" ] || die "the build produced no $OUT/crashmon.dll"
+[ -f "$OUT/crashmon.exe" ] || die "the build produced no $OUT/crashmon.exe"
 rm -rf "$PACKAGE.tmp"
 mkdir -p "$PACKAGE.tmp"
-cp "$OUT/crashmon.dll" "$PACKAGE.tmp/crashmon.sys"
+cp "$OUT/crashmon.exe" "$PACKAGE.tmp/crashmon.sys"
 cp "$OUT/deps/crashmon.map" "$PACKAGE.tmp/crashmon.map"
 [ -f "$OUT/crashmon.pdb" ] && cp "$OUT/crashmon.pdb" "$PACKAGE.tmp/crashmon.pdb"
 cp "$HERE/crashmon.inf" "$PACKAGE.tmp/crashmon.inf"

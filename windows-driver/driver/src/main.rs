@@ -14,6 +14,9 @@
 //!   and arms the card and registers the callbacks); stop, surprise removal, removal and Unload
 //!   stop the core (deregistering every callback) and unmap the BARs.
 //!
+//! The crate is a `#![no_main]` binary: the image is an executable entered at `DriverEntry`, with
+//! no C runtime and no exports, as the WDK links drivers.
+//!
 //! ## Sections
 //! | section | what | why |
 //! |---|---|---|
@@ -26,6 +29,7 @@
 //! stays in non-paged, non-discardable sections and calls no import that is forbidden at
 //! HIGH_LEVEL.
 #![no_std]
+#![no_main]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod mmio;
