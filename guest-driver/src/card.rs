@@ -132,19 +132,24 @@ impl<Io: CardIo> Card<Io> {
             self.ring();
             return self.check_complete();
         }
+        // No indexing that could panic: a panic here would itself bug check (KeBugCheckEx) in
+        // the middle of the dump. `split_at_checked` cannot fail for `len <= rest.len()`.
         let mut done = 0usize;
-        while done < buffer.len() {
-            let len = (buffer.len() - done).min(self.slot_size as usize);
+        let mut rest = buffer;
+        while !rest.is_empty() {
+            let len = rest.len().min(self.slot_size as usize);
+            let (chunk, tail) = rest.split_at_checked(len).unwrap_or((rest, &[]));
             let slot = self.free_slot()?;
-            self.io.write_window(slot as usize * self.slot_size as usize, &buffer[done..done + len]);
+            self.io.write_window(slot as usize * self.slot_size as usize, chunk);
             let chunk_offset = if offset == OFFSET_SEQUENTIAL {
                 OFFSET_SEQUENTIAL
             } else {
                 offset.wrapping_add(done as u64)
             };
-            self.describe(chunk_offset, len as u32, kind, slot);
+            self.describe(chunk_offset, chunk.len() as u32, kind, slot);
             self.ring();
-            done += len;
+            done += chunk.len();
+            rest = tail;
         }
         Ok(())
     }

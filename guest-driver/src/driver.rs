@@ -582,16 +582,19 @@ impl<Io: CardIo> DriverState<Io> {
 /// The bug-check code and parameters in a `DUMP_HEADER64` at the start of `buffer`, if it is
 /// one.
 pub fn bugcheck_of(kind: DumpIoType, buffer: &[u8]) -> Option<(u32, [u64; 4])> {
-    if kind != DumpIoType::Header
-        || buffer.len() < dump_header64::BUGCHECK_FIELDS_END
-        || buffer[..8] != dump_header64::SIGNATURE
-    {
+    // Runs inside the DumpIo callback: `get` instead of indexing, so nothing here can panic.
+    let fields = buffer.get(..dump_header64::BUGCHECK_FIELDS_END)?;
+    if kind != DumpIoType::Header || fields.get(..8)? != dump_header64::SIGNATURE {
         return None;
     }
-    let u64_at = |at: usize| u64::from_le_bytes(buffer[at..at + 8].try_into().unwrap_or([0; 8]));
-    let code = u32::from_le_bytes(buffer[dump_header64::BUGCHECK_CODE..][..4].try_into().unwrap_or([0; 4]));
+    let u64_at = |at: usize| {
+        let bytes = fields.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok());
+        u64::from_le_bytes(bytes.unwrap_or([0; 8]))
+    };
+    let code_at = dump_header64::BUGCHECK_CODE;
+    let code = fields.get(code_at..code_at + 4).and_then(|b| <[u8; 4]>::try_from(b).ok())?;
     let p = dump_header64::BUGCHECK_PARAMETER1;
-    Some((code, [u64_at(p), u64_at(p + 8), u64_at(p + 16), u64_at(p + 24)]))
+    Some((u32::from_le_bytes(code), [u64_at(p), u64_at(p + 8), u64_at(p + 16), u64_at(p + 24)]))
 }
 
 /// The page-aligned start and page count of `[address, address + size)`.

@@ -67,8 +67,12 @@ pub fn headers(d: &Driver) -> Outcome {
     if !i.exports.is_empty() {
         bad.push(format!("exports {}: crashmon.sys is not an export driver", list(i.exports.iter().map(|e| &e.0))));
     }
-    if i.file_characteristics & pe::IMAGE_FILE_RELOCS_STRIPPED.0 != 0 || i.dir64_relocations.is_empty() {
-        bad.push("no base relocations: the kernel loads drivers at any address".to_owned());
+    // The kernel loads drivers at any address: relocation information must not be stripped.
+    // Zero fixups is fine when nothing in the image holds an absolute address (all code and data
+    // references RIP-relative): a loader then has nothing to patch, as with an empty relocation
+    // directory in Windows' and ReactOS's image relocation. The count is reported.
+    if i.file_characteristics & pe::IMAGE_FILE_RELOCS_STRIPPED.0 != 0 {
+        bad.push("IMAGE_FILE_RELOCS_STRIPPED: the kernel loads drivers at any address".to_owned());
     }
     if i.other_relocations != 0 {
         bad.push(format!("{} base relocations of a type other than DIR64", i.other_relocations));
@@ -219,14 +223,18 @@ fn bug_check_violations(d: &Driver, r: &Reach) -> Vec<String> {
             None => bad.push(format!("addresses {target:#x}, outside the image (from {})", d.map.describe(*sites.first().unwrap_or(&0)))),
         }
     }
+    // The callbacks are panic-free and talk to the card with the HAL register semantics only, so
+    // they must reach no kernel routine at all: even one documented for any IRQL (KeBugCheckEx,
+    // the panic handler's) would mean a panic path crept onto the bug-check path.
     for (name, sites) in &r.imports {
-        if !irql::allowed_on_bug_check_path(name) || irql::in_forbidden_family(name) {
-            let why = irql::rule_for(name).map_or("unclassified".to_owned(), |rule| format!("{:?}: {}", rule.max_irql, rule.note));
-            bad.push(format!(
-                "calls {name} ({why}) at {}",
-                list(sites.iter().map(|s| d.map.describe(*s)))
-            ));
-        }
+        let why = if irql::allowed_on_bug_check_path(name) && !irql::in_forbidden_family(name) {
+            "callable at HIGH_LEVEL, but the callbacks must reach no kernel routine (a panic path?)"
+                .to_owned()
+        } else {
+            irql::rule_for(name)
+                .map_or("unclassified".to_owned(), |rule| format!("{:?}: {}", rule.max_irql, rule.note))
+        };
+        bad.push(format!("calls {name} ({why}) at {}", list(sites.iter().map(|s| d.map.describe(*s)))));
     }
     bad
 }
@@ -278,7 +286,7 @@ pub fn bug_check_path(d: &Driver) -> Outcome {
     let _ = writeln!(
         out,
         "all four: {} functions, {} instructions, all in {}; data addressed in {}; imports {{{}}} \
-         (allowed: documented for any IRQL, no lock); {} indirect calls unresolved; \
+         (none may be: the callbacks cannot panic and call no kernel routine); {} indirect calls unresolved; \
          {} jump-table functions swept whole; {} code addresses taken but never called \
          (e.g. formatting routines referenced by panic messages the panic handler never formats)",
         r.functions.len(),

@@ -12,8 +12,8 @@
 //! section), the imports (ntoskrnl.exe and HAL.dll only, each classified by its documented
 //! IRQL), and the machine code reachable from the four bug-check callbacks: every instruction
 //! and every statically addressed datum is in a resident section (not `PAGE*`, not `INIT`, not
-//! discardable), and no import it can call is one a HIGH_LEVEL caller may not call (only
-//! `KeBugCheckEx`, which is documented for any IRQL, may be reached: it is the panic handler's).
+//! discardable), and it can call no import at all: not even `KeBugCheckEx` (documented for any
+//! IRQL, and the panic handler's), because the callbacks are written not to panic.
 //! The reachability is conservative (see [`reach`]): jump tables are swept whole, and an indirect
 //! call the analysis cannot resolve fails the check rather than being ignored. A control check
 //! runs the same analysis from the PnP dispatch routine and must find its pageable code and its
