@@ -164,7 +164,11 @@ impl CrashMonitorCard {
             o @ regs::BUGCHECK_PARAM1_LO..=regs::BUGCHECK_PARAM4_HI => {
                 let i = ((o - regs::BUGCHECK_PARAM1_LO) / 4) as usize;
                 let param = &mut self.bugcheck_params[i / 2];
-                if i % 2 == 0 { set_lo(param, v) } else { set_hi(param, v) }
+                if i % 2 == 0 {
+                    set_lo(param, v)
+                } else {
+                    set_hi(param, v)
+                }
             }
             regs::CHUNK_OFFSET_LO => set_lo(&mut self.chunk_offset, v),
             regs::CHUNK_OFFSET_HI => set_hi(&mut self.chunk_offset, v),
@@ -303,7 +307,8 @@ impl CrashMonitorCard {
         let Some(session) = self.session.take() else {
             return;
         };
-        self.state = if incomplete.is_none() { SessionState::Complete } else { SessionState::Aborted };
+        self.state =
+            if incomplete.is_none() { SessionState::Complete } else { SessionState::Aborted };
         match session.finish(incomplete) {
             Ok(f) => self.finished.push(f),
             Err(e) => {
@@ -469,7 +474,10 @@ mod tests {
         assert_eq!(bc.code, "0x00000080");
         assert_eq!(bc.parameters[0], "0x1122334455667788");
         assert_eq!(bc.parameters[3], "0x0000dead00000000");
-        assert_eq!((sc.bytes_by_type.header, sc.bytes_by_type.body, sc.bytes_by_type.secondary_data), (100, 200, 50));
+        assert_eq!(
+            (sc.bytes_by_type.header, sc.bytes_by_type.body, sc.bytes_by_type.secondary_data),
+            (100, 200, 50)
+        );
         let data = std::fs::read(&rig.card.finished()[0].dump_path).unwrap();
         assert_eq!(data.len(), 350);
         assert!(data[..100].iter().all(|&b| b == 1) && data[300..].iter().all(|&b| b == 3));
@@ -493,13 +501,47 @@ mod tests {
         rig.w(regs::CONTROL, control::ARM);
         rig.chunk(0, DumpIoType::Body, abi::OFFSET_SEQUENTIAL, &[7; 4096]);
         let cases: [(&dyn Fn(&mut Rig), ErrorCode); 7] = [
-            (&|r| { r.w(regs::CHUNK_SLOT, abi::SLOT_COUNT); r.w(regs::CHUNK_LENGTH, 1); r.w(regs::CHUNK_TYPE, 2); r.w(regs::DOORBELL, 1) }, ErrorCode::BadSlot),
-            (&|r| { r.w(regs::CHUNK_SLOT, 0); r.w(regs::CHUNK_LENGTH, abi::SLOT_SIZE + 1); r.w(regs::DOORBELL, 1) }, ErrorCode::BadLength),
-            (&|r| { r.w(regs::CHUNK_LENGTH, 0); r.w(regs::DOORBELL, 1) }, ErrorCode::BadLength),
-            (&|r| { r.w(regs::CHUNK_LENGTH, 1); r.w(regs::CHUNK_TYPE, 0); r.w(regs::DOORBELL, 1) }, ErrorCode::BadType),
-            (&|r| { r.w(regs::CHUNK_TYPE, 99); r.w(regs::DOORBELL, 1) }, ErrorCode::BadType),
-            (&|r| { r.chunk(0, DumpIoType::Body, u64::MAX - 2, &[1; 8]) }, ErrorCode::BadOffset),
-            (&|r| { r.chunk(0, DumpIoType::Body, 8000, &[1; 200]) }, ErrorCode::TooLarge),
+            (
+                &|r| {
+                    r.w(regs::CHUNK_SLOT, abi::SLOT_COUNT);
+                    r.w(regs::CHUNK_LENGTH, 1);
+                    r.w(regs::CHUNK_TYPE, 2);
+                    r.w(regs::DOORBELL, 1)
+                },
+                ErrorCode::BadSlot,
+            ),
+            (
+                &|r| {
+                    r.w(regs::CHUNK_SLOT, 0);
+                    r.w(regs::CHUNK_LENGTH, abi::SLOT_SIZE + 1);
+                    r.w(regs::DOORBELL, 1)
+                },
+                ErrorCode::BadLength,
+            ),
+            (
+                &|r| {
+                    r.w(regs::CHUNK_LENGTH, 0);
+                    r.w(regs::DOORBELL, 1)
+                },
+                ErrorCode::BadLength,
+            ),
+            (
+                &|r| {
+                    r.w(regs::CHUNK_LENGTH, 1);
+                    r.w(regs::CHUNK_TYPE, 0);
+                    r.w(regs::DOORBELL, 1)
+                },
+                ErrorCode::BadType,
+            ),
+            (
+                &|r| {
+                    r.w(regs::CHUNK_TYPE, 99);
+                    r.w(regs::DOORBELL, 1)
+                },
+                ErrorCode::BadType,
+            ),
+            (&|r| r.chunk(0, DumpIoType::Body, u64::MAX - 2, &[1; 8]), ErrorCode::BadOffset),
+            (&|r| r.chunk(0, DumpIoType::Body, 8000, &[1; 200]), ErrorCode::TooLarge),
         ];
         for (i, (act, code)) in cases.iter().enumerate() {
             act(&mut rig);
@@ -571,8 +613,14 @@ mod tests {
         assert_eq!(std::fs::read(&f[0].dump_path).unwrap(), b"first");
         assert_eq!(std::fs::read(&f[1].dump_path).unwrap(), b"second");
         assert_eq!(std::fs::read(&f[2].dump_path).unwrap(), b"third");
-        assert_eq!(rig.sidecar(0).incomplete_reason.as_deref(), Some("aborted by the guest driver"));
-        assert_eq!(rig.sidecar(1).incomplete_reason.as_deref(), Some("VM reset while the dump was streaming"));
+        assert_eq!(
+            rig.sidecar(0).incomplete_reason.as_deref(),
+            Some("aborted by the guest driver")
+        );
+        assert_eq!(
+            rig.sidecar(1).incomplete_reason.as_deref(),
+            Some("VM reset while the dump was streaming")
+        );
         assert_eq!(rig.sidecar(2).state, DumpState::Complete);
     }
 
@@ -585,6 +633,9 @@ mod tests {
         assert_eq!(rig.error(), ErrorCode::BadState);
         assert_eq!(rig.state(), SessionState::Streaming);
         rig.card.disconnect();
-        assert_eq!(rig.sidecar(0).incomplete_reason.as_deref(), Some("VM disconnected while the dump was streaming"));
+        assert_eq!(
+            rig.sidecar(0).incomplete_reason.as_deref(),
+            Some("VM disconnected while the dump was streaming")
+        );
     }
 }

@@ -92,7 +92,10 @@ fn tempfile_in(dir: &Path) -> std::io::Result<PathBuf> {
 
 fn run(cli: Cli) -> Result<()> {
     if !capture::valid_vm_name(&cli.vm_name) {
-        bail!("--vm-name '{}' must be 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'", cli.vm_name);
+        bail!(
+            "--vm-name '{}' must be 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'",
+            cli.vm_name
+        );
     }
     if cli.socket.symlink_metadata().is_ok() {
         bail!(

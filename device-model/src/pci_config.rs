@@ -134,7 +134,10 @@ mod tests {
         c.write(0, &[0xFF; 16]).unwrap();
         assert_eq!(read32(&c, 0), (abi::PCI_DEVICE_ID as u32) << 16 | abi::PCI_VENDOR_ID as u32);
         assert_eq!(read32(&c, 8) >> 8, 0x08_80_00);
-        assert_eq!(read32(&c, 0x2C), (abi::PCI_SUBSYSTEM_ID as u32) << 16 | abi::PCI_VENDOR_ID as u32);
+        assert_eq!(
+            read32(&c, 0x2C),
+            (abi::PCI_SUBSYSTEM_ID as u32) << 16 | abi::PCI_VENDOR_ID as u32
+        );
         assert_eq!(c.command(), 0x0406, "only memory, bus master and INTx-disable stick");
     }
 

@@ -14,11 +14,10 @@ use std::io;
 use std::mem::size_of;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vfio_bindings::bindings::vfio::{
-    vfio_region_info, vfio_region_sparse_mmap_area, VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
-    VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_NUM_IRQS,
-    VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_region_info, vfio_region_sparse_mmap_area, VFIO_IRQ_INFO_EVENTFD,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_PCI_REQ_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion, SparseArea};
 
@@ -197,7 +196,9 @@ mod tests {
         let cfg = VFIO_PCI_CONFIG_REGION_INDEX;
         assert!(b.region_read(cfg, 252, &mut [0; 8]).is_err());
         assert!(b.region_write(cfg, u64::MAX, &[0; 4]).is_err());
-        assert!(b.region_read(VFIO_PCI_BAR2_REGION_INDEX, abi::BAR2_SIZE - 2, &mut [0; 4]).is_err());
+        assert!(b
+            .region_read(VFIO_PCI_BAR2_REGION_INDEX, abi::BAR2_SIZE - 2, &mut [0; 4])
+            .is_err());
         assert!(b.region_write(VFIO_PCI_BAR2_REGION_INDEX, u64::MAX - 1, &[0; 4]).is_err());
         assert!(b.region_read(1, 0, &mut [0; 4]).is_err());
         assert!(b.region_write(9, 0, &[0; 4]).is_err());

@@ -48,7 +48,12 @@ fn nonsense_sizes_and_names_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s");
     let base = ["--socket", sock.to_str().unwrap(), "--output-dir", dir.path().to_str().unwrap()];
-    for (size, needle) in [("0", "minimum"), ("12 parsecs", "unknown unit"), ("-5G", "not a size"), ("99999999999T", "too large")] {
+    for (size, needle) in [
+        ("0", "minimum"),
+        ("12 parsecs", "unknown unit"),
+        ("-5G", "not a size"),
+        ("99999999999T", "too large"),
+    ] {
         let flag = format!("--max-dump-size={size}");
         let mut args = base.to_vec();
         args.push(&flag);

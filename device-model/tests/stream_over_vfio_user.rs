@@ -28,7 +28,10 @@ fn config_write32(card: &VfioCard, at: u64, v: u32) {
 fn configuration_space_identifies_the_card_and_sizes_its_bars() {
     let mut dev = Device::start(&["--once"]);
     let card = VfioCard::connect(&dev.socket);
-    assert_eq!(config_read32(&card, 0), (abi::PCI_DEVICE_ID as u32) << 16 | abi::PCI_VENDOR_ID as u32);
+    assert_eq!(
+        config_read32(&card, 0),
+        (abi::PCI_DEVICE_ID as u32) << 16 | abi::PCI_VENDOR_ID as u32
+    );
     assert_eq!(config_read32(&card, 8) >> 16, 0x0880, "class: system peripheral, other");
     assert_eq!(config_read32(&card, 0x3C) >> 8 & 0xFF, 0, "no interrupt pin");
     config_write32(&card, 0x10, u32::MAX);
@@ -96,17 +99,25 @@ fn streams_a_multi_megabyte_dump(sequential: bool) {
     assert_eq!(sc.state, DumpState::Complete);
     assert_eq!(sc.incomplete_reason, None);
     assert_eq!(sc.dump_file, dumps[0].file_name().unwrap().to_str().unwrap());
-    assert!(sc.dump_file.starts_with("itest-") && sc.dump_file.contains(&sc.session_id.to_string()));
+    assert!(
+        sc.dump_file.starts_with("itest-") && sc.dump_file.contains(&sc.session_id.to_string())
+    );
     let bc = sc.bugcheck.unwrap();
     assert_eq!(bc.code, "0x000000d1");
     assert_eq!(bc.parameters, params.map(|p| format!("{p:#018x}")));
-    assert_eq!(bc.source, if sequential { BugCheckSource::Announced } else { BugCheckSource::DumpHeader });
+    assert_eq!(
+        bc.source,
+        if sequential { BugCheckSource::Announced } else { BugCheckSource::DumpHeader }
+    );
     assert_eq!(sc.size, dump.len() as u64);
     assert_eq!(sc.bytes_received, dump.len() as u64);
     assert_eq!(sc.bytes_by_type.header, HEADER as u64);
     assert_eq!(sc.bytes_by_type.secondary_data, SECONDARY as u64);
     assert_eq!(sc.bytes_by_type.body, (dump.len() - HEADER - SECONDARY) as u64);
-    assert_eq!(sc.write_order, if sequential { WriteOrder::Sequential } else { WriteOrder::Explicit });
+    assert_eq!(
+        sc.write_order,
+        if sequential { WriteOrder::Sequential } else { WriteOrder::Explicit }
+    );
     assert_eq!(sc.missing_bytes, Some(0));
     assert_eq!(sc.rejected_chunks, 0);
     assert_eq!(sc.sha256.as_deref(), Some(sha256_hex(&dump).as_str()));
@@ -146,7 +157,10 @@ fn dropped_connection_leaves_an_incomplete_dump_with_every_byte_sent() {
     assert_eq!(std::fs::read(&dumps[0]).unwrap(), &dump[..sent]);
     let sc = sidecar_of(&dumps[0]);
     assert_eq!(sc.state, DumpState::Incomplete);
-    assert_eq!(sc.incomplete_reason.as_deref(), Some("VM disconnected while the dump was streaming"));
+    assert_eq!(
+        sc.incomplete_reason.as_deref(),
+        Some("VM disconnected while the dump was streaming")
+    );
     assert_eq!(sc.bytes_received, sent as u64);
     assert_eq!(sc.bugcheck.unwrap().code, "0x00000080", "read from the header it did receive");
     assert_eq!(sc.sha256.as_deref(), Some(sha256_hex(&dump[..sent]).as_str()));
@@ -161,12 +175,19 @@ fn sigterm_mid_stream_keeps_the_bytes_and_removes_the_socket() {
     card.arm().unwrap();
     card.dump_io(0, DumpIoType::Body, &[0xAB; 5000]).unwrap();
     let _ = (&vfio).read_register(regs::STATUS);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(dev.child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dev.child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
     assert!(dev.wait().success());
     assert!(!dev.socket.exists());
     let dumps = dev.files(".incomplete.dmp");
     assert_eq!(std::fs::read(&dumps[0]).unwrap(), vec![0xAB; 5000]);
-    assert_eq!(sidecar_of(&dumps[0]).incomplete_reason.as_deref(), Some("device model stopped while the dump was streaming"));
+    assert_eq!(
+        sidecar_of(&dumps[0]).incomplete_reason.as_deref(),
+        Some("device model stopped while the dump was streaming")
+    );
 }
 
 #[test]

@@ -126,7 +126,12 @@ impl<Io: CardIo> Card<Io> {
     /// than a slot go out as several chunks; explicit offsets advance with them.
     /// `KbDumpIoComplete` (with an empty buffer) closes the session and reports whether the card
     /// refused anything during it.
-    pub fn dump_io(&mut self, offset: u64, kind: DumpIoType, buffer: &[u8]) -> Result<(), CardError> {
+    pub fn dump_io(
+        &mut self,
+        offset: u64,
+        kind: DumpIoType,
+        buffer: &[u8],
+    ) -> Result<(), CardError> {
         if kind == DumpIoType::Complete {
             self.describe(0, 0, kind, 0);
             self.ring();
@@ -230,8 +235,14 @@ mod tests {
                 regs::COMPLETED => {
                     // The card catches up with every doorbell, `lag` reads late.
                     *self.completed_reads.borrow_mut() += 1;
-                    let rung = self.log.borrow().iter().filter(|(r, _)| *r == regs::DOORBELL).count() as u32;
-                    if *self.completed_reads.borrow() > self.lag { rung } else { 0 }
+                    let rung =
+                        self.log.borrow().iter().filter(|(r, _)| *r == regs::DOORBELL).count()
+                            as u32;
+                    if *self.completed_reads.borrow() > self.lag {
+                        rung
+                    } else {
+                        0
+                    }
                 }
                 regs::STATUS => SessionState::Complete as u32,
                 _ => 0,
@@ -251,9 +262,12 @@ mod tests {
         let mut card = Card::probe(&rec).unwrap();
         card.dump_io(100, DumpIoType::Body, &[0u8; 10]).unwrap();
         let log = rec.log.borrow();
-        let offsets: Vec<u32> = log.iter().filter(|(r, _)| *r == regs::CHUNK_OFFSET_LO).map(|p| p.1).collect();
-        let lengths: Vec<u32> = log.iter().filter(|(r, _)| *r == regs::CHUNK_LENGTH).map(|p| p.1).collect();
-        let slots: Vec<u32> = log.iter().filter(|(r, _)| *r == regs::CHUNK_SLOT).map(|p| p.1).collect();
+        let offsets: Vec<u32> =
+            log.iter().filter(|(r, _)| *r == regs::CHUNK_OFFSET_LO).map(|p| p.1).collect();
+        let lengths: Vec<u32> =
+            log.iter().filter(|(r, _)| *r == regs::CHUNK_LENGTH).map(|p| p.1).collect();
+        let slots: Vec<u32> =
+            log.iter().filter(|(r, _)| *r == regs::CHUNK_SLOT).map(|p| p.1).collect();
         assert_eq!(offsets, [100, 104, 108]);
         assert_eq!(lengths, [4, 4, 2]);
         assert_eq!(slots, [0, 1, 0]);
@@ -267,7 +281,8 @@ mod tests {
         card.dump_io(u64::MAX, DumpIoType::Header, &[1u8; 6]).unwrap();
         card.dump_io(u64::MAX, DumpIoType::Complete, &[]).unwrap();
         let log = rec.log.borrow();
-        let his: Vec<u32> = log.iter().filter(|(r, _)| *r == regs::CHUNK_OFFSET_HI).map(|p| p.1).collect();
+        let his: Vec<u32> =
+            log.iter().filter(|(r, _)| *r == regs::CHUNK_OFFSET_HI).map(|p| p.1).collect();
         assert_eq!(his, [u32::MAX, u32::MAX, 0]);
         assert_eq!(log.iter().filter(|(r, _)| *r == regs::DOORBELL).count(), 3);
     }
@@ -283,7 +298,9 @@ mod tests {
     fn probe_rejects_other_devices() {
         struct Zero;
         impl CardIo for Zero {
-            fn read_register(&self, _: u32) -> u32 { 0xFFFF_FFFF }
+            fn read_register(&self, _: u32) -> u32 {
+                0xFFFF_FFFF
+            }
             fn write_register(&self, _: u32, _: u32) {}
             fn write_window(&self, _: usize, _: &[u8]) {}
         }

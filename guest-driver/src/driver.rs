@@ -75,7 +75,10 @@ pub trait BugCheckRegistry {
     ///
     /// # Safety
     /// `record` must be valid.
-    unsafe fn deregister_reason_callback(&self, record: *mut KBUGCHECK_REASON_CALLBACK_RECORD) -> bool;
+    unsafe fn deregister_reason_callback(
+        &self,
+        record: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
+    ) -> bool;
 
     /// `KeRegisterBugCheckCallback`: TRUE if registered.
     ///
@@ -267,7 +270,11 @@ impl<Io: CardIo> CrashmonDriver<Io> {
 
     /// DriverEntry's part: probes the card behind `io`, resets and arms it, and registers the
     /// four callbacks with `registry`. On failure nothing stays registered.
-    pub fn start(&'static self, io: Io, registry: &impl BugCheckRegistry) -> Result<(), StartError> {
+    pub fn start(
+        &'static self,
+        io: Io,
+        registry: &impl BugCheckRegistry,
+    ) -> Result<(), StartError> {
         if self
             .lifecycle
             .compare_exchange(STOPPED, STARTING, Ordering::Acquire, Ordering::Relaxed)
@@ -384,7 +391,10 @@ impl<Io: CardIo> CrashmonDriver<Io> {
     ///
     /// # Safety
     /// `record` must point at the field at `offset` of a live `CrashmonDriver<Io>`.
-    unsafe fn from_record<'a>(record: *mut KBUGCHECK_REASON_CALLBACK_RECORD, offset: usize) -> &'a Self {
+    unsafe fn from_record<'a>(
+        record: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
+        offset: usize,
+    ) -> &'a Self {
         // SAFETY: per the contract, stepping back `offset` bytes reaches the driver.
         unsafe { &*((record as *mut u8).sub(offset) as *const Self) }
     }
@@ -410,7 +420,10 @@ impl<Io: CardIo> CrashmonDriver<Io> {
         data: PVOID,
         length: ULONG,
     ) {
-        if reason != KbCallbackAddPages || data.is_null() || (length as usize) < size_of::<KBUGCHECK_ADD_PAGES>() {
+        if reason != KbCallbackAddPages
+            || data.is_null()
+            || (length as usize) < size_of::<KBUGCHECK_ADD_PAGES>()
+        {
             return;
         }
         // SAFETY: the system passes the record we registered, which is our add_pages_record.
@@ -477,7 +490,11 @@ impl<Io: CardIo> CrashmonDriver<Io> {
             // SAFETY: InBuffer is the system's buffer of InBufferLength bytes, which we checked
             // holds the whole block; it does not overlap our state.
             unsafe {
-                ptr::copy_nonoverlapping(state.secondary.0.as_ptr(), request.InBuffer as *mut u8, SECONDARY_DATA_SIZE)
+                ptr::copy_nonoverlapping(
+                    state.secondary.0.as_ptr(),
+                    request.InBuffer as *mut u8,
+                    SECONDARY_DATA_SIZE,
+                )
             };
         } else {
             request.OutBuffer = state.secondary.0.as_mut_ptr() as PVOID;
@@ -496,7 +513,10 @@ impl<Io: CardIo> CrashmonDriver<Io> {
         data: PVOID,
         length: ULONG,
     ) {
-        if reason != KbCallbackDumpIo || data.is_null() || (length as usize) < size_of::<KBUGCHECK_DUMP_IO>() {
+        if reason != KbCallbackDumpIo
+            || data.is_null()
+            || (length as usize) < size_of::<KBUGCHECK_DUMP_IO>()
+        {
             return;
         }
         // SAFETY: the system passes the record we registered, our dump_io_record.
@@ -547,7 +567,9 @@ impl<Io: CardIo> DriverState<Io> {
         let kind = match DumpIoType::from_u32(kind as u32) {
             Some(k) if k != DumpIoType::Invalid => k,
             _ => {
-                session.first_error.get_or_insert(CardError::Refused(crate::abi::ErrorCode::BadType));
+                session
+                    .first_error
+                    .get_or_insert(CardError::Refused(crate::abi::ErrorCode::BadType));
                 return;
             }
         };
@@ -659,9 +681,13 @@ mod tests {
                         g.state = 1;
                     }
                     if value & control::ANNOUNCE != 0 {
-                        let p = |n: usize| g.regs[(regs::bugcheck_param_lo(n) / 4) as usize] as u64
-                            | (g.regs[(regs::bugcheck_param_lo(n) / 4 + 1) as usize] as u64) << 32;
-                        let a = (g.regs[regs::BUGCHECK_CODE as usize / 4], [p(0), p(1), p(2), p(3)]);
+                        let p = |n: usize| {
+                            g.regs[(regs::bugcheck_param_lo(n) / 4) as usize] as u64
+                                | (g.regs[(regs::bugcheck_param_lo(n) / 4 + 1) as usize] as u64)
+                                    << 32
+                        };
+                        let a =
+                            (g.regs[regs::BUGCHECK_CODE as usize / 4], [p(0), p(1), p(2), p(3)]);
                         g.announces.push(a);
                         g.state = 2;
                     }
@@ -671,7 +697,8 @@ mod tests {
                 }
                 regs::DOORBELL => {
                     let r = |o: u32| g.regs[o as usize / 4];
-                    let off = r(regs::CHUNK_OFFSET_LO) as u64 | (r(regs::CHUNK_OFFSET_HI) as u64) << 32;
+                    let off =
+                        r(regs::CHUNK_OFFSET_LO) as u64 | (r(regs::CHUNK_OFFSET_HI) as u64) << 32;
                     let chunk = (off, r(regs::CHUNK_LENGTH), r(regs::CHUNK_TYPE));
                     g.chunks.push(chunk);
                     g.completed += 1;
@@ -702,14 +729,20 @@ mod tests {
             let r = unsafe { &mut *record };
             assert_eq!(r.State as i32, BufferEmpty);
             // SAFETY: component is CRASHMON_COMPONENT.
-            assert_eq!(unsafe { core::ffi::CStr::from_ptr(component as *const _) }.to_bytes(), b"crashmon");
+            assert_eq!(
+                unsafe { core::ffi::CStr::from_ptr(component as *const _) }.to_bytes(),
+                b"crashmon"
+            );
             r.State = BufferInserted as u8;
             r.Reason = reason;
             r.CallbackRoutine = Some(routine);
             self.reasons.lock().unwrap().push((record as usize, routine, reason));
             true
         }
-        unsafe fn deregister_reason_callback(&self, record: *mut KBUGCHECK_REASON_CALLBACK_RECORD) -> bool {
+        unsafe fn deregister_reason_callback(
+            &self,
+            record: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
+        ) -> bool {
             let mut l = self.reasons.lock().unwrap();
             let before = l.len();
             l.retain(|e| e.0 != record as usize);
@@ -740,7 +773,10 @@ mod tests {
     }
 
     impl FakeRegistry {
-        fn reason(&self, reason: i32) -> (*mut KBUGCHECK_REASON_CALLBACK_RECORD, KBUGCHECK_REASON_CALLBACK_ROUTINE) {
+        fn reason(
+            &self,
+            reason: i32,
+        ) -> (*mut KBUGCHECK_REASON_CALLBACK_RECORD, KBUGCHECK_REASON_CALLBACK_ROUTINE) {
             let l = self.reasons.lock().unwrap();
             let e = l.iter().find(|e| e.2 == reason).expect("registered");
             (e.0 as *mut _, e.1)
@@ -766,12 +802,28 @@ mod tests {
             Type: kind,
         };
         // SAFETY: calling the registered routine as the system would.
-        unsafe { routine(KbCallbackDumpIo, record, as_pvoid(&mut io), size_of::<KBUGCHECK_DUMP_IO>() as u32) };
+        unsafe {
+            routine(
+                KbCallbackDumpIo,
+                record,
+                as_pvoid(&mut io),
+                size_of::<KBUGCHECK_DUMP_IO>() as u32,
+            )
+        };
     }
 
     #[test]
     fn a_whole_bug_check_through_the_callbacks() {
-        static CARD: FakeCard = FakeCard { inner: Mutex::new(FakeInner { regs: [0; 32], state: 0, completed: 0, announces: Vec::new(), chunks: Vec::new(), commands: Vec::new() }) };
+        static CARD: FakeCard = FakeCard {
+            inner: Mutex::new(FakeInner {
+                regs: [0; 32],
+                state: 0,
+                completed: 0,
+                announces: Vec::new(),
+                chunks: Vec::new(),
+                commands: Vec::new(),
+            }),
+        };
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry::default();
         DRIVER.start(&CARD, &reg).unwrap();
@@ -782,12 +834,29 @@ mod tests {
 
         // AddPages: learns the code, adds the driver's own pages.
         let (record, routine) = reg.reason(KbCallbackAddPages);
-        let mut pages = KBUGCHECK_ADD_PAGES { Context: ptr::null_mut(), Flags: 0, BugCheckCode: 0x50, Address: 0, Count: 0 };
+        let mut pages = KBUGCHECK_ADD_PAGES {
+            Context: ptr::null_mut(),
+            Flags: 0,
+            BugCheckCode: 0x50,
+            Address: 0,
+            Count: 0,
+        };
         // SAFETY: as the system calls it.
-        unsafe { routine(KbCallbackAddPages, record, as_pvoid(&mut pages), size_of::<KBUGCHECK_ADD_PAGES>() as u32) };
+        unsafe {
+            routine(
+                KbCallbackAddPages,
+                record,
+                as_pvoid(&mut pages),
+                size_of::<KBUGCHECK_ADD_PAGES>() as u32,
+            )
+        };
         assert_eq!(pages.Flags, KB_ADD_PAGES_FLAG_VIRTUAL_ADDRESS);
         let me = &DRIVER as *const _ as usize;
-        assert!(pages.Address <= me && me + size_of::<CrashmonDriver<&FakeCard>>() <= pages.Address + pages.Count * PAGE_SIZE);
+        assert!(
+            pages.Address <= me
+                && me + size_of::<CrashmonDriver<&FakeCard>>()
+                    <= pages.Address + pages.Count * PAGE_SIZE
+        );
 
         // SecondaryDumpData: size query, then data into InBuffer.
         let (record, routine) = reg.reason(KbCallbackSecondaryDumpData);
@@ -803,7 +872,10 @@ mod tests {
         let len = size_of::<KBUGCHECK_SECONDARY_DUMP_DATA>() as u32;
         // SAFETY: as the system calls it.
         unsafe { routine(KbCallbackSecondaryDumpData, record, as_pvoid(&mut req), len) };
-        assert_eq!((req.Guid, req.OutBufferLength, req.OutBuffer), (CRASHMON_SECONDARY_GUID, 0x40, ptr::null_mut()));
+        assert_eq!(
+            (req.Guid, req.OutBufferLength, req.OutBuffer),
+            (CRASHMON_SECONDARY_GUID, 0x40, ptr::null_mut())
+        );
         req.OutBuffer = req.InBuffer;
         // SAFETY: as the system calls it.
         unsafe { routine(KbCallbackSecondaryDumpData, record, as_pvoid(&mut req), len) };
@@ -848,14 +920,36 @@ mod tests {
 
     #[test]
     fn out_of_order_dump_is_not_announced_with_guessed_parameters_and_unfinished_is_aborted() {
-        static CARD: FakeCard = FakeCard { inner: Mutex::new(FakeInner { regs: [0; 32], state: 0, completed: 0, announces: Vec::new(), chunks: Vec::new(), commands: Vec::new() }) };
+        static CARD: FakeCard = FakeCard {
+            inner: Mutex::new(FakeInner {
+                regs: [0; 32],
+                state: 0,
+                completed: 0,
+                announces: Vec::new(),
+                chunks: Vec::new(),
+                commands: Vec::new(),
+            }),
+        };
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry::default();
         DRIVER.start(&CARD, &reg).unwrap();
         let (record, routine) = reg.reason(KbCallbackAddPages);
-        let mut pages = KBUGCHECK_ADD_PAGES { Context: ptr::null_mut(), Flags: 0, BugCheckCode: 0x8E, Address: 0, Count: 0 };
+        let mut pages = KBUGCHECK_ADD_PAGES {
+            Context: ptr::null_mut(),
+            Flags: 0,
+            BugCheckCode: 0x8E,
+            Address: 0,
+            Count: 0,
+        };
         // SAFETY: as the system calls it.
-        unsafe { routine(KbCallbackAddPages, record, as_pvoid(&mut pages), size_of::<KBUGCHECK_ADD_PAGES>() as u32) };
+        unsafe {
+            routine(
+                KbCallbackAddPages,
+                record,
+                as_pvoid(&mut pages),
+                size_of::<KBUGCHECK_ADD_PAGES>() as u32,
+            )
+        };
         // A body chunk first (out of order): the parameters are unknown, so no announce; the
         // header that comes later is streamed like any chunk and the host reads it.
         dump_io(&reg, 0x2000, KbDumpIoBody, &mut [1u8; 4]);
@@ -872,7 +966,16 @@ mod tests {
 
     #[test]
     fn refused_registration_leaves_nothing_registered() {
-        static CARD: FakeCard = FakeCard { inner: Mutex::new(FakeInner { regs: [0; 32], state: 0, completed: 0, announces: Vec::new(), chunks: Vec::new(), commands: Vec::new() }) };
+        static CARD: FakeCard = FakeCard {
+            inner: Mutex::new(FakeInner {
+                regs: [0; 32],
+                state: 0,
+                completed: 0,
+                announces: Vec::new(),
+                chunks: Vec::new(),
+                commands: Vec::new(),
+            }),
+        };
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry { refuse_legacy: true, ..Default::default() };
         assert_eq!(DRIVER.start(&CARD, &reg), Err(StartError::RegistrationFailed));
@@ -886,7 +989,16 @@ mod tests {
 
     #[test]
     fn secondary_data_respects_maximum_and_small_in_buffers() {
-        static CARD: FakeCard = FakeCard { inner: Mutex::new(FakeInner { regs: [0; 32], state: 0, completed: 0, announces: Vec::new(), chunks: Vec::new(), commands: Vec::new() }) };
+        static CARD: FakeCard = FakeCard {
+            inner: Mutex::new(FakeInner {
+                regs: [0; 32],
+                state: 0,
+                completed: 0,
+                announces: Vec::new(),
+                chunks: Vec::new(),
+                commands: Vec::new(),
+            }),
+        };
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry::default();
         DRIVER.start(&CARD, &reg).unwrap();

@@ -24,5 +24,5 @@ pub mod driver;
 pub mod wdm;
 
 pub use card::{Card, CardError, CardIo};
-pub use driver::{BugCheckRegistry, CrashmonDriver};
 pub use crashmon_card_abi as abi;
+pub use driver::{BugCheckRegistry, CrashmonDriver};

@@ -91,7 +91,10 @@ impl GUID {
         let b = self.Data2.to_le_bytes();
         let c = self.Data3.to_le_bytes();
         let d = self.Data4;
-        [a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5],
+            d[6], d[7],
+        ]
     }
 }
 
@@ -370,14 +373,21 @@ mod tests {
 
     #[test]
     fn guid_bytes_are_windows_memory_order() {
-        let g = GUID { Data1: 0x0403_0201, Data2: 0x0605, Data3: 0x0807, Data4: [9, 10, 11, 12, 13, 14, 15, 16] };
+        let g = GUID {
+            Data1: 0x0403_0201,
+            Data2: 0x0605,
+            Data3: 0x0807,
+            Data4: [9, 10, 11, 12, 13, 14, 15, 16],
+        };
         assert_eq!(g.to_bytes(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
     }
 
     #[test]
     fn dump_io_types_match_the_card() {
         use crate::abi::DumpIoType;
-        for t in [KbDumpIoInvalid, KbDumpIoHeader, KbDumpIoBody, KbDumpIoSecondaryData, KbDumpIoComplete] {
+        for t in
+            [KbDumpIoInvalid, KbDumpIoHeader, KbDumpIoBody, KbDumpIoSecondaryData, KbDumpIoComplete]
+        {
             assert_eq!(DumpIoType::from_u32(t as u32).map(|d| d as i32), Some(t));
         }
     }

@@ -73,7 +73,11 @@ pub fn run(rig: &Rig, sizes_mb: &[u32], repeat: usize, work_dir: &Path) -> Resul
                 Ok(())
             })?;
             let d = &outcome.dumps[0];
-            log::info!("{memory_mb} MiB: crashmon {:.3} s, dump-guest-memory {:.3} s", d.seconds, measured.0);
+            log::info!(
+                "{memory_mb} MiB: crashmon {:.3} s, dump-guest-memory {:.3} s",
+                d.seconds,
+                measured.0
+            );
             ours.push(d.seconds);
             anchor.push(measured.0);
             dump_bytes = d.verified.dump_bytes;

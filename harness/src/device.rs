@@ -31,20 +31,10 @@ pub enum DeviceError {
     Spawn { binary: PathBuf, source: io::Error },
     /// It exited before it was ready.
     #[error("the device model exited ({status}) before creating its socket {socket}; last lines of its log {log}:\n{tail}")]
-    ExitedEarly {
-        status: ExitStatus,
-        socket: PathBuf,
-        log: PathBuf,
-        tail: String,
-    },
+    ExitedEarly { status: ExitStatus, socket: PathBuf, log: PathBuf, tail: String },
     /// It did not become ready in time.
     #[error("the device model did not create its socket {socket} within {timeout:?}; last lines of its log {log}:\n{tail}")]
-    NoSocket {
-        socket: PathBuf,
-        timeout: Duration,
-        log: PathBuf,
-        tail: String,
-    },
+    NoSocket { socket: PathBuf, timeout: Duration, log: PathBuf, tail: String },
     /// It did not exit in time.
     #[error("the device model (pid {pid}) did not exit within {timeout:?}")]
     StillRunning { pid: u32, timeout: Duration },
@@ -60,21 +50,14 @@ pub enum DeviceError {
 pub fn locate_binary() -> Result<PathBuf, DeviceError> {
     if let Some(path) = std::env::var_os(DEVICE_ENV).filter(|v| !v.is_empty()) {
         let path = PathBuf::from(path);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(DeviceError::EnvMissing(path))
-        };
+        return if path.is_file() { Ok(path) } else { Err(DeviceError::EnvMissing(path)) };
     }
     if std::env::var_os("CARGO").is_some() {
         info!("running under cargo: making sure {DEVICE_BIN} is built and up to date");
         return build_release();
     }
     if let Some(path) = sibling_binary() {
-        debug!(
-            "using the device model next to this executable: {}",
-            path.display()
-        );
+        debug!("using the device model next to this executable: {}", path.display());
         return Ok(path);
     }
     info!("no {DEVICE_BIN} binary next to this executable: building it");
@@ -84,9 +67,7 @@ pub fn locate_binary() -> Result<PathBuf, DeviceError> {
 fn sibling_binary() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    [dir.join(DEVICE_BIN), dir.parent()?.join(DEVICE_BIN)]
-        .into_iter()
-        .find(|p| p.is_file())
+    [dir.join(DEVICE_BIN), dir.parent()?.join(DEVICE_BIN)].into_iter().find(|p| p.is_file())
 }
 
 /// Builds the device model in release and returns the path of the binary cargo reports.
@@ -98,11 +79,7 @@ fn sibling_binary() -> Option<PathBuf> {
 pub fn build_release() -> Result<PathBuf, DeviceError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = Command::new(&cargo)
-        .args([
-            "build",
-            "--release",
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(["build", "--release", "--message-format=json-render-diagnostics"])
         .args(["--workspace", "--bin", DEVICE_BIN])
         .current_dir(crate::workspace_root())
         .stdin(Stdio::null())
@@ -123,9 +100,7 @@ pub fn build_release() -> Result<PathBuf, DeviceError> {
             }
         }
     }
-    let status = child
-        .wait()
-        .map_err(|e| DeviceError::Build(e.to_string()))?;
+    let status = child.wait().map_err(|e| DeviceError::Build(e.to_string()))?;
     if !status.success() {
         return Err(DeviceError::Build(format!("cargo exited with {status}")));
     }
@@ -193,10 +168,7 @@ impl DeviceProcess {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|source| DeviceError::Spawn {
-                binary: config.binary.clone(),
-                source,
-            })?;
+            .map_err(|source| DeviceError::Spawn { binary: config.binary.clone(), source })?;
         let mut device = DeviceProcess {
             child,
             socket: config.socket.clone(),
@@ -272,10 +244,7 @@ impl DeviceProcess {
                 return Ok(status);
             }
             if Instant::now() >= deadline {
-                return Err(DeviceError::StillRunning {
-                    pid: self.pid(),
-                    timeout,
-                });
+                return Err(DeviceError::StillRunning { pid: self.pid(), timeout });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -291,10 +260,7 @@ impl DeviceProcess {
         match self.wait_timeout(timeout) {
             Err(DeviceError::StillRunning { .. }) => {
                 self.kill();
-                Err(DeviceError::StillRunning {
-                    pid: self.pid(),
-                    timeout,
-                })
+                Err(DeviceError::StillRunning { pid: self.pid(), timeout })
             }
             other => other,
         }
@@ -353,11 +319,7 @@ mod tests {
     fn a_process_that_dies_before_its_socket_appears_is_reported_with_its_log() {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("fake-device");
-        std::fs::write(
-            &script,
-            "#!/bin/sh\necho 'fake: cannot listen' >&2\nexit 3\n",
-        )
-        .unwrap();
+        std::fs::write(&script, "#!/bin/sh\necho 'fake: cannot listen' >&2\nexit 3\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let config = DeviceConfig {

@@ -66,11 +66,7 @@ pub fn shell_quote(arg: &str) -> String {
 /// A command as a shell line (environment settings first), for logs and messages.
 pub fn command_line(cmd: &Command) -> String {
     let envs = cmd.get_envs().filter_map(|(key, value)| {
-        Some(format!(
-            "{}={}",
-            key.to_string_lossy(),
-            shell_quote(&value?.to_string_lossy())
-        ))
+        Some(format!("{}={}", key.to_string_lossy(), shell_quote(&value?.to_string_lossy())))
     });
     let words = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())

@@ -13,11 +13,7 @@ pub fn all_devices(buses: &[PciInfo]) -> Vec<&PciDeviceInfo> {
     fn walk<'a>(devices: &'a [PciDeviceInfo], out: &mut Vec<&'a PciDeviceInfo>) {
         for device in devices {
             out.push(device);
-            if let Some(behind) = device
-                .pci_bridge
-                .as_ref()
-                .and_then(|b| b.devices.as_deref())
-            {
+            if let Some(behind) = device.pci_bridge.as_ref().and_then(|b| b.devices.as_deref()) {
                 walk(behind, out);
             }
         }
@@ -45,16 +41,11 @@ pub fn bar(device: &PciDeviceInfo, index: usize) -> Option<&PciMemoryRegion> {
 pub fn datasheet_mismatches(card: &PciDeviceInfo) -> Vec<String> {
     let mut problems = Vec::new();
     if card.class_info.class != CARD_CLASS {
-        problems.push(format!(
-            "class {:#06x}, expected {CARD_CLASS:#06x}",
-            card.class_info.class
-        ));
+        problems.push(format!("class {:#06x}, expected {CARD_CLASS:#06x}", card.class_info.class));
     }
     let subsystem = (card.id.subsystem_vendor, card.id.subsystem);
-    let expected = (
-        Some(i64::from(abi::PCI_SUBSYSTEM_VENDOR_ID)),
-        Some(i64::from(abi::PCI_SUBSYSTEM_ID)),
-    );
+    let expected =
+        (Some(i64::from(abi::PCI_SUBSYSTEM_VENDOR_ID)), Some(i64::from(abi::PCI_SUBSYSTEM_ID)));
     if subsystem != expected {
         problems.push(format!("subsystem {subsystem:?}, expected {expected:?}"));
     }
@@ -64,18 +55,8 @@ pub fn datasheet_mismatches(card: &PciDeviceInfo) -> Vec<String> {
                 problems.push(format!("no BAR{index}"));
                 return;
             };
-            let actual = (
-                region.type_.as_str(),
-                region.size,
-                region.mem_type_64,
-                region.prefetch,
-            );
-            let wanted = (
-                "memory",
-                size as i64,
-                Some(wide_prefetchable),
-                Some(wide_prefetchable),
-            );
+            let actual = (region.type_.as_str(), region.size, region.mem_type_64, region.prefetch);
+            let wanted = ("memory", size as i64, Some(wide_prefetchable), Some(wide_prefetchable));
             if actual != wanted {
                 problems.push(format!(
                 "BAR{index} is (type, size, 64-bit, prefetchable) {actual:?}, expected {wanted:?}"
@@ -146,15 +127,9 @@ mod tests {
         assert_eq!(card.slot, 1);
         assert_eq!(datasheet_mismatches(card), Vec::<String>::new());
         let text = describe(card);
-        assert!(
-            text.starts_with("00:01.0 vendor c4a5 device 0d01 class 0880"),
-            "{text}"
-        );
+        assert!(text.starts_with("00:01.0 vendor c4a5 device 0d01 class 0880"), "{text}");
         assert!(text.contains("BAR0: memory, 4 KiB at 0xfebfe000"), "{text}");
-        assert!(
-            text.contains("BAR2: prefetchable 64-bit memory, 4 MiB"),
-            "{text}"
-        );
+        assert!(text.contains("BAR2: prefetchable 64-bit memory, 4 MiB"), "{text}");
     }
 
     #[test]

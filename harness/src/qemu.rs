@@ -40,12 +40,7 @@ pub enum QemuError {
     NotRoot(PathBuf),
     /// An external command of the provisioning failed.
     #[error("{step} failed ({status}); last lines of {log}:\n{tail}")]
-    Step {
-        step: String,
-        status: ExitStatus,
-        log: PathBuf,
-        tail: String,
-    },
+    Step { step: String, status: ExitStatus, log: PathBuf, tail: String },
     /// A file-system operation failed.
     #[error("{context}")]
     Io { context: String, source: io::Error },
@@ -80,20 +75,12 @@ impl Qemu {
     /// Finds a QEMU with `vfio-user-pci`, provisioning one into `<cache>/qemu` if there is none.
     pub fn find_or_provision() -> Result<Self, QemuError> {
         if let Some(binary) = std::env::var_os(QEMU_ENV).filter(|v| !v.is_empty()) {
-            let qemu = Qemu {
-                binary: binary.into(),
-                tree: None,
-                source: QemuSource::Env,
-            };
+            let qemu = Qemu { binary: binary.into(), tree: None, source: QemuSource::Env };
             qemu.require_vfio_user()?;
             return Ok(qemu);
         }
         if let Some(binary) = find_in_path(SYSTEM_QEMU) {
-            let qemu = Qemu {
-                binary,
-                tree: None,
-                source: QemuSource::System,
-            };
+            let qemu = Qemu { binary, tree: None, source: QemuSource::System };
             match qemu.require_vfio_user() {
                 Ok(()) => return Ok(qemu),
                 Err(e) => info!("not using the system QEMU: {e}"),
@@ -133,11 +120,7 @@ impl Qemu {
     }
 
     fn in_tree(tree: PathBuf, source: QemuSource) -> Self {
-        Qemu {
-            binary: tree.join("usr/bin").join(SYSTEM_QEMU),
-            tree: Some(tree),
-            source,
-        }
+        Qemu { binary: tree.join("usr/bin").join(SYSTEM_QEMU), tree: Some(tree), source }
     }
 
     /// The QEMU executable (inside the provisioned tree if it was provisioned).
@@ -170,10 +153,7 @@ impl Qemu {
             .arg(tree.join("usr/share/qemu"))
             .arg("-L")
             .arg(tree.join("usr/share/seabios"))
-            .env(
-                "QEMU_MODULE_DIR",
-                tree.join("usr/lib/x86_64-linux-gnu/qemu"),
-            );
+            .env("QEMU_MODULE_DIR", tree.join("usr/lib/x86_64-linux-gnu/qemu"));
         cmd
     }
 
@@ -185,9 +165,7 @@ impl Qemu {
 
     /// Whether `-device help` lists `vfio-user-pci`.
     pub fn has_vfio_user(&self) -> Result<bool, QemuError> {
-        Ok(self
-            .output(&["-device", "help"])?
-            .contains("\"vfio-user-pci\""))
+        Ok(self.output(&["-device", "help"])?.contains("\"vfio-user-pci\""))
     }
 
     fn require_vfio_user(&self) -> Result<(), QemuError> {
@@ -195,24 +173,13 @@ impl Qemu {
             return Ok(());
         }
         let version = self.version().unwrap_or_else(|e| e.to_string());
-        Err(QemuError::NoVfioUser {
-            binary: self.binary.clone(),
-            version,
-        })
+        Err(QemuError::NoVfioUser { binary: self.binary.clone(), version })
     }
 
     /// Runs QEMU with `args` and returns its standard output.
     fn output(&self, args: &[&str]) -> Result<String, QemuError> {
-        let run_error = |source| QemuError::Run {
-            binary: self.binary.clone(),
-            source,
-        };
-        let out = self
-            .command()
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(run_error)?;
+        let run_error = |source| QemuError::Run { binary: self.binary.clone(), source };
+        let out = self.command().args(args).stdin(Stdio::null()).output().map_err(run_error)?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let message = format!(
@@ -265,17 +232,13 @@ fn lock_exclusive(path: &Path) -> Result<File, QemuError> {
     match file.try_lock() {
         Ok(()) => return Ok(file),
         Err(fs::TryLockError::WouldBlock) => {
-            info!(
-                "another process is provisioning QEMU; waiting for it ({})",
-                path.display()
-            )
+            info!("another process is provisioning QEMU; waiting for it ({})", path.display())
         }
         Err(fs::TryLockError::Error(e)) => {
             return Err(io_context(format!("cannot lock {}", path.display()))(e))
         }
     }
-    file.lock()
-        .map_err(io_context(format!("cannot lock {}", path.display())))?;
+    file.lock().map_err(io_context(format!("cannot lock {}", path.display())))?;
     Ok(file)
 }
 
@@ -287,10 +250,7 @@ struct Provisioner {
 
 impl Provisioner {
     fn new(cache: &Path) -> Self {
-        Provisioner {
-            cache: cache.to_owned(),
-            log: cache.join("qemu-provision.log"),
-        }
+        Provisioner { cache: cache.to_owned(), log: cache.join("qemu-provision.log") }
     }
 
     fn run(&self, dir: &Path) -> Result<Qemu, QemuError> {
@@ -310,16 +270,10 @@ impl Provisioner {
         fs::create_dir_all(&temp)
             .map_err(io_context(format!("cannot create {}", temp.display())))?;
 
-        info!(
-            "debootstrap: a minimal Debian {SUITE} tree in {}",
-            tree.display()
-        );
+        info!("debootstrap: a minimal Debian {SUITE} tree in {}", tree.display());
         self.step(
             &format!("debootstrap {SUITE}"),
-            system_tool("debootstrap")
-                .args(["--variant=minbase", SUITE])
-                .arg(&tree)
-                .arg(MIRROR),
+            system_tool("debootstrap").args(["--variant=minbase", SUITE]).arg(&tree).arg(MIRROR),
         )?;
         let backports = tree.join("etc/apt/sources.list.d/backports.list");
         fs::write(&backports, format!("deb {MIRROR} {BACKPORTS} main\n"))
@@ -327,10 +281,7 @@ impl Provisioner {
         {
             let _proc = BindMount::new(Path::new("/proc"), &tree.join("proc"), self)?;
             info!("installing qemu-system-x86 from {BACKPORTS} into the tree");
-            self.step(
-                "apt-get update (in the tree)",
-                &mut chroot_apt(&tree, &["update"]),
-            )?;
+            self.step("apt-get update (in the tree)", &mut chroot_apt(&tree, &["update"]))?;
             self.step(
                 "apt-get install qemu-system-x86 (in the tree)",
                 &mut chroot_apt(
@@ -345,10 +296,7 @@ impl Provisioner {
                     ],
                 ),
             )?;
-            self.step(
-                "apt-get clean (in the tree)",
-                &mut chroot_apt(&tree, &["clean"]),
-            )?;
+            self.step("apt-get clean (in the tree)", &mut chroot_apt(&tree, &["clean"]))?;
         }
 
         let qemu = Qemu::in_tree(tree, QemuSource::Provisioned);
@@ -385,14 +333,10 @@ impl Provisioner {
         info!("debootstrap is missing: running `apt-get install -y debootstrap`");
         let install = || {
             let mut cmd = system_tool("apt-get");
-            cmd.args(["install", "-y", "debootstrap"])
-                .env("DEBIAN_FRONTEND", "noninteractive");
+            cmd.args(["install", "-y", "debootstrap"]).env("DEBIAN_FRONTEND", "noninteractive");
             cmd
         };
-        if self
-            .step("apt-get install debootstrap", &mut install())
-            .is_ok()
-        {
+        if self.step("apt-get install debootstrap", &mut install()).is_ok() {
             return Ok(());
         }
         info!("that failed: running `apt-get update`, then installing debootstrap again");
@@ -407,10 +351,7 @@ impl Provisioner {
             .map_err(io_context(format!("cannot list {}", self.cache.display())))?;
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with("qemu.tmp-") {
-                warn!(
-                    "removing {} left by an interrupted provisioning",
-                    entry.path().display()
-                );
+                warn!("removing {} left by an interrupted provisioning", entry.path().display());
                 remove_tree(&entry.path())?;
             }
         }
@@ -425,9 +366,7 @@ impl Provisioner {
             .open(&self.log)
             .map_err(io_context(format!("cannot open {}", self.log.display())))?;
         let _ = writeln!(log, "\n=== {step}: {cmd:?}");
-        let stderr = log
-            .try_clone()
-            .map_err(io_context("cannot duplicate the log file"))?;
+        let stderr = log.try_clone().map_err(io_context("cannot duplicate the log file"))?;
         let status = cmd
             .stdin(Stdio::null())
             .stdout(log)
@@ -438,12 +377,7 @@ impl Provisioner {
             return Ok(());
         }
         let tail = crate::log_tail(&self.log, 25);
-        Err(QemuError::Step {
-            step: step.to_owned(),
-            status,
-            log: self.log.clone(),
-            tail,
-        })
+        Err(QemuError::Step { step: step.to_owned(), status, log: self.log.clone(), tail })
     }
 }
 
@@ -470,9 +404,7 @@ impl BindMount {
             &format!("mount --bind {} {}", source.display(), target.display()),
             system_tool("mount").arg("--bind").arg(source).arg(target),
         )?;
-        Ok(BindMount {
-            target: target.to_owned(),
-        })
+        Ok(BindMount { target: target.to_owned() })
     }
 }
 
@@ -494,10 +426,7 @@ fn unmount(target: &Path) -> Result<(), QemuError> {
         .arg("-l")
         .arg(target)
         .status()
-        .map_err(io_context(format!(
-            "cannot run umount {}",
-            target.display()
-        )))?;
+        .map_err(io_context(format!("cannot run umount {}", target.display())))?;
     if status.success() {
         Ok(())
     } else {
@@ -513,10 +442,8 @@ fn unmount(target: &Path) -> Result<(), QemuError> {
 fn remove_tree(dir: &Path) -> Result<(), QemuError> {
     let dir =
         fs::canonicalize(dir).map_err(io_context(format!("cannot resolve {}", dir.display())))?;
-    let mut mounts: Vec<PathBuf> = mount_points()?
-        .into_iter()
-        .filter(|m| m.starts_with(&dir))
-        .collect();
+    let mut mounts: Vec<PathBuf> =
+        mount_points()?.into_iter().filter(|m| m.starts_with(&dir)).collect();
     // Deepest first, so nested mounts come off before their parents.
     mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     for mount in &mounts {
@@ -567,10 +494,7 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes_are_undone() {
-        assert_eq!(
-            unescape_mountinfo(r"/tmp/a\040b"),
-            OsString::from("/tmp/a b")
-        );
+        assert_eq!(unescape_mountinfo(r"/tmp/a\040b"), OsString::from("/tmp/a b"));
         assert_eq!(unescape_mountinfo(r"/plain"), OsString::from("/plain"));
         assert_eq!(unescape_mountinfo(r"/odd\04"), OsString::from(r"/odd\04"));
     }
@@ -580,10 +504,7 @@ mod tests {
         let qemu = Qemu::in_tree(PathBuf::from("/c/qemu/root"), QemuSource::Provisioned);
         let cmd = qemu.command();
         assert_eq!(cmd.get_program(), "/c/qemu/root/lib64/ld-linux-x86-64.so.2");
-        let args: Vec<_> = cmd
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(
             args,
             [

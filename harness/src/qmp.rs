@@ -23,11 +23,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum QmpError {
     /// QEMU did not accept a connection in time.
     #[error("cannot connect to the QMP socket {path} within {timeout:?}")]
-    Connect {
-        path: PathBuf,
-        timeout: Duration,
-        source: io::Error,
-    },
+    Connect { path: PathBuf, timeout: Duration, source: io::Error },
     /// Reading or writing the socket failed.
     #[error("QMP connection failed")]
     Io(#[from] io::Error),
@@ -42,10 +38,7 @@ pub enum QmpError {
     Protocol { reason: String, message: String },
     /// QEMU refused a command.
     #[error("QMP command {command} failed: {error}")]
-    Command {
-        command: &'static str,
-        error: qapi::Error,
-    },
+    Command { command: &'static str, error: qapi::Error },
 }
 
 /// An asynchronous event from QEMU, such as `SHUTDOWN` or `RESET`.
@@ -89,11 +82,7 @@ impl QmpClient {
                     std::thread::sleep(Duration::from_millis(50))
                 }
                 Err(source) => {
-                    return Err(QmpError::Connect {
-                        path: path.to_owned(),
-                        timeout,
-                        source,
-                    })
+                    return Err(QmpError::Connect { path: path.to_owned(), timeout, source })
                 }
             }
         };
@@ -144,10 +133,7 @@ impl QmpClient {
                     });
                 }
                 Incoming::Error(error) => {
-                    return Err(QmpError::Command {
-                        command: C::NAME,
-                        error,
-                    })
+                    return Err(QmpError::Command { command: C::NAME, error })
                 }
                 other @ Incoming::Greeting(_) => {
                     return Err(protocol_error("expected a response", &other))
@@ -180,12 +166,7 @@ impl QmpClient {
     /// (a path as QEMU sees it).
     pub fn pmemsave(&mut self, address: u64, size: u64, file: &Path) -> Result<(), QmpError> {
         let filename = file.to_string_lossy().into_owned();
-        self.execute(&qmp::pmemsave {
-            val: address,
-            size,
-            filename,
-        })
-        .map(drop)
+        self.execute(&qmp::pmemsave { val: address, size, filename }).map(drop)
     }
 
     /// `human-monitor-command`: runs an HMP command and returns its text output.
@@ -267,10 +248,7 @@ impl QmpClient {
                 }
                 Ok(_) => {}
                 Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
                 {
                     return Err(QmpError::Timeout(what.to_owned()))
                 }
@@ -283,10 +261,7 @@ impl QmpClient {
 
 /// Whether a connect error means "QEMU has not created or opened the socket yet".
 fn is_not_listening_yet(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-    )
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused)
 }
 
 /// One line from QEMU, sorted by kind.
@@ -301,10 +276,8 @@ enum Incoming {
 impl Incoming {
     fn parse(line: &[u8]) -> Result<Self, QmpError> {
         let message = || String::from_utf8_lossy(line).trim_end().to_owned();
-        let mut value: Value = serde_json::from_slice(line).map_err(|e| QmpError::Protocol {
-            reason: e.to_string(),
-            message: message(),
-        })?;
+        let mut value: Value = serde_json::from_slice(line)
+            .map_err(|e| QmpError::Protocol { reason: e.to_string(), message: message() })?;
         if let Some(greeting) = value.get_mut("QMP") {
             return Ok(Incoming::Greeting(greeting.take()));
         }
@@ -314,10 +287,7 @@ impl Incoming {
         if value.get("error").is_some() {
             return serde_json::from_value(value)
                 .map(Incoming::Error)
-                .map_err(|e| QmpError::Protocol {
-                    reason: e.to_string(),
-                    message: message(),
-                });
+                .map_err(|e| QmpError::Protocol { reason: e.to_string(), message: message() });
         }
         if let Some(name) = value.get("event").and_then(Value::as_str) {
             let stamp = &value["timestamp"];
@@ -339,10 +309,7 @@ impl Incoming {
 }
 
 fn protocol_error(reason: &str, got: &Incoming) -> QmpError {
-    QmpError::Protocol {
-        reason: reason.to_owned(),
-        message: format!("{got:?}"),
-    }
+    QmpError::Protocol { reason: reason.to_owned(), message: format!("{got:?}") }
 }
 
 #[cfg(test)]
@@ -396,10 +363,7 @@ mod tests {
         let status = qmp.query_status().unwrap();
         assert!(status.running);
         match qmp.inject_nmi() {
-            Err(QmpError::Command {
-                command: "inject-nmi",
-                error,
-            }) => assert_eq!(error.desc, "no"),
+            Err(QmpError::Command { command: "inject-nmi", error }) => assert_eq!(error.desc, "no"),
             other => panic!("{other:?}"),
         }
         let events = qmp.take_events();

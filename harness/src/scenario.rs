@@ -18,16 +18,21 @@ use std::time::{Duration, Instant};
 
 /// GUID of the crashmon driver's secondary data block, as laid out in memory
 /// (`{C4A50D01-6372-4D53-9D6D-6F6E64727631}`).
-pub const DRIVER_GUID: [u8; 16] = guid(0xC4A5_0D01, 0x6372, 0x4D53, *b"\x9D\x6D\x6F\x6E\x64\x72\x76\x31");
+pub const DRIVER_GUID: [u8; 16] =
+    guid(0xC4A5_0D01, 0x6372, 0x4D53, *b"\x9D\x6D\x6F\x6E\x64\x72\x76\x31");
 /// GUID of the test guest's report of callbacks that broke the rules
 /// (`{C4A50D02-6775-4573-8000-7265706F7274}`).
-pub const REPORT_GUID: [u8; 16] = guid(0xC4A5_0D02, 0x6775, 0x4573, *b"\x80\x00\x72\x65\x70\x6F\x72\x74");
+pub const REPORT_GUID: [u8; 16] =
+    guid(0xC4A5_0D02, 0x6775, 0x4573, *b"\x80\x00\x72\x65\x70\x6F\x72\x74");
 
 const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
     let a = d1.to_le_bytes();
     let b = d2.to_le_bytes();
     let c = d3.to_le_bytes();
-    [a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5], d4[6], d4[7]]
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
+        d4[6], d4[7],
+    ]
 }
 
 /// What crashes the guest.
@@ -223,7 +228,14 @@ impl Running {
         config.append = Some(scenario.append());
         let mut vm = Vm::launch(&rig.qemu, &config)?;
         let qmp = vm.connect_qmp(Duration::from_secs(60))?;
-        Ok(Running { card, vm, qmp, run_dir: run_dir.to_owned(), dumps_dir, started: Instant::now() })
+        Ok(Running {
+            card,
+            vm,
+            qmp,
+            run_dir: run_dir.to_owned(),
+            dumps_dir,
+            started: Instant::now(),
+        })
     }
 
     /// The guest's serial lines so far.
@@ -239,9 +251,10 @@ impl Running {
             if lines.iter().filter(|l| l.kind == kind).count() >= count {
                 return Ok(());
             }
-            if let Some(bad) = lines.iter().find(|l| {
-                matches!(l.kind.as_str(), "PANIC" | "NESTED" | "DUMP FAILED" | "ERROR")
-            }) {
+            if let Some(bad) = lines
+                .iter()
+                .find(|l| matches!(l.kind.as_str(), "PANIC" | "NESTED" | "DUMP FAILED" | "ERROR"))
+            {
                 bail!("the guest reported: CRASHMON {}\n{}", bad.text, self.logs());
             }
             if let Some(status) = self.vm.try_wait()? {
@@ -275,8 +288,7 @@ impl Running {
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
             .filter_map(|p| {
                 let sidecar: Sidecar = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
-                (sidecar.state == state)
-                    .then(|| (self.dumps_dir.join(&sidecar.dump_file), sidecar))
+                (sidecar.state == state).then(|| (self.dumps_dir.join(&sidecar.dump_file), sidecar))
             })
             .collect();
         found.sort_by(|a, b| a.1.started_at.cmp(&b.1.started_at));
@@ -284,7 +296,11 @@ impl Running {
     }
 
     /// Waits for `count` complete dumps on the host.
-    pub fn wait_dumps(&mut self, count: usize, timeout: Duration) -> Result<Vec<(PathBuf, Sidecar)>> {
+    pub fn wait_dumps(
+        &mut self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<(PathBuf, Sidecar)>> {
         let deadline = Instant::now() + timeout;
         loop {
             let done = self.dumps(DumpState::Complete);
@@ -292,7 +308,11 @@ impl Running {
                 return Ok(done);
             }
             if Instant::now() > deadline {
-                bail!("{} of {count} complete dumps on the host after {timeout:?}\n{}", done.len(), self.logs());
+                bail!(
+                    "{} of {count} complete dumps on the host after {timeout:?}\n{}",
+                    done.len(),
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -352,7 +372,12 @@ pub fn complete_with(
         .with_context(|| format!("QMP pmemsave\n{}", r.logs()))?;
     let boots = serial::boots(&r.serial());
     let crashed: Vec<&Boot> = boots.iter().filter(|b| b.first("BUGCHECK").is_some()).collect();
-    ensure!(crashed.len() == found.len(), "{} bug checks on serial, {} dumps", crashed.len(), found.len());
+    ensure!(
+        crashed.len() == found.len(),
+        "{} bug checks on serial, {} dumps",
+        crashed.len(),
+        found.len()
+    );
 
     let mut dumps = Vec::new();
     for (i, ((path, sidecar), boot)) in found.into_iter().zip(crashed).enumerate() {
@@ -377,10 +402,15 @@ pub fn check(
     let bugcheck = boot.bugcheck().context("no CRASHMON BUGCHECK line")?;
     match scenario.trigger {
         Trigger::BugCheck { code, parameters } => {
-            ensure!(bugcheck == (code, parameters), "guest raised {bugcheck:x?}, triggered {code:#x} {parameters:x?}")
+            ensure!(
+                bugcheck == (code, parameters),
+                "guest raised {bugcheck:x?}, triggered {code:#x} {parameters:x?}"
+            )
         }
         Trigger::Nmi => ensure!(bugcheck.0 == 0x80, "NMI gave bug check {:#x}", bugcheck.0),
-        Trigger::PageFault => ensure!(bugcheck.0 == 0x50, "page fault gave bug check {:#x}", bugcheck.0),
+        Trigger::PageFault => {
+            ensure!(bugcheck.0 == 0x50, "page fault gave bug check {:#x}", bugcheck.0)
+        }
         Trigger::Divide => {
             ensure!(bugcheck.0 == 0x8E && bugcheck.1[0] == 0xC000_0094, "divide gave {bugcheck:x?}")
         }
@@ -424,8 +454,16 @@ pub fn check(
         boot.dump_bytes(),
         verified.dump_bytes
     );
-    ensure!(sidecar.state == DumpState::Complete && sidecar.rejected_chunks == 0, "sidecar: {sidecar:?}");
-    ensure!(sidecar.size == verified.dump_bytes, "sidecar size {} != file {}", sidecar.size, verified.dump_bytes);
+    ensure!(
+        sidecar.state == DumpState::Complete && sidecar.rejected_chunks == 0,
+        "sidecar: {sidecar:?}"
+    );
+    ensure!(
+        sidecar.size == verified.dump_bytes,
+        "sidecar size {} != file {}",
+        sidecar.size,
+        verified.dump_bytes
+    );
     let bc = sidecar.bugcheck.as_ref().context("the sidecar has no bug check")?;
     ensure!(
         bc.code == format!("{:#010x}", bugcheck.0)

@@ -142,10 +142,8 @@ pub fn verify(
     ram_image: Option<&Path>,
     expected: &Expected,
 ) -> Result<Verified, VerifyError> {
-    let parser = KernelDumpParser::new(dump).map_err(|e| VerifyError::Parse {
-        path: dump.to_owned(),
-        message: e.to_string(),
-    })?;
+    let parser = KernelDumpParser::new(dump)
+        .map_err(|e| VerifyError::Parse { path: dump.to_owned(), message: e.to_string() })?;
     let bytes = map(dump)?;
     let ram = ram_image.map(map).transpose()?;
     let mut v = Verified { dump_bytes: bytes.len() as u64, ..Default::default() };
@@ -247,18 +245,21 @@ pub fn verify(
             }
             let used = (w.start / PAGE as u64..w.end / PAGE as u64).filter(|&p| !w.is_free(p));
             if let Some(pfn) = used.clone().find(|p| !present.contains(p)) {
-                return Err(mismatch(format!("page in use {pfn:#x} is missing from the bitmap dump")));
+                return Err(mismatch(format!(
+                    "page in use {pfn:#x} is missing from the bitmap dump"
+                )));
             }
             v.checks.push("bitmap holds exactly the pages in use plus the AddPages page".into());
         }
     }
 
     if let Some((va, value)) = expected.variable {
-        let reader = kdmp_parser::virt::Reader::with_dtb(&parser, Gpa::new(headers.directory_table_base));
+        let reader =
+            kdmp_parser::virt::Reader::with_dtb(&parser, Gpa::new(headers.directory_table_base));
         let mut buf = [0u8; 8];
-        reader
-            .read_exact(Gva::new(va), &mut buf)
-            .map_err(|e| mismatch(format!("virtual read of {va:#x} through the DTB failed: {e}")))?;
+        reader.read_exact(Gva::new(va), &mut buf).map_err(|e| {
+            mismatch(format!("virtual read of {va:#x} through the DTB failed: {e}"))
+        })?;
         if u64::from_le_bytes(buf) != value {
             return Err(mismatch(format!(
                 "guest variable at {va:#x} reads {:#x} through the DTB, expected {value:#x}",
@@ -272,8 +273,9 @@ pub fn verify(
     }
 
     if let Some((guid, contents)) = &expected.secondary {
-        let blob = crashmon_dump_writer::find_secondary_blob(&bytes, guid)
-            .ok_or_else(|| mismatch(format!("no secondary data block tagged {}", guid_string(guid))))?;
+        let blob = crashmon_dump_writer::find_secondary_blob(&bytes, guid).ok_or_else(|| {
+            mismatch(format!("no secondary data block tagged {}", guid_string(guid)))
+        })?;
         if let Some(want) = contents {
             if blob != want.as_slice() {
                 return Err(mismatch(format!(
@@ -335,7 +337,9 @@ mod tests {
     /// at virtual 0xffff800000000000; the variable sits in page 9.
     fn ram() -> Vec<u8> {
         let mut ram: Vec<u8> = (0..64 * PAGE).map(|i| (i * 31 / 7) as u8).collect();
-        let put = |ram: &mut Vec<u8>, at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        let put = |ram: &mut Vec<u8>, at: usize, v: u64| {
+            ram[at..at + 8].copy_from_slice(&v.to_le_bytes())
+        };
         for p in 1..4 {
             ram[p * PAGE..(p + 1) * PAGE].fill(0);
         }
@@ -445,7 +449,8 @@ mod tests {
         }
         let mut e = expected();
         e.variable = None;
-        e.workload = Some(Workload { start: 16 * PAGE as u64, end: 64 * PAGE as u64, seed, var_pfn: 9 });
+        e.workload =
+            Some(Workload { start: 16 * PAGE as u64, end: 64 * PAGE as u64, seed, var_pfn: 9 });
         let (dump, image) = write(&ram0, dir.path());
         assert_eq!(verify(&dump, Some(&image), &e).unwrap().workload_pages, 48);
         assert_eq!(verify(&dump, None, &e).unwrap().pages_equal, 0, "no image, no comparison");

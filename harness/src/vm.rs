@@ -27,21 +27,13 @@ pub enum VmError {
     Template { line: usize, reason: String },
     /// A path cannot be written into QEMU's option syntax.
     #[error("{what} {path} cannot be passed to QEMU: it contains {bad:?}")]
-    UnsuitablePath {
-        what: &'static str,
-        path: PathBuf,
-        bad: char,
-    },
+    UnsuitablePath { what: &'static str, path: PathBuf, bad: char },
     /// QEMU could not be started.
     #[error("cannot start QEMU")]
     Spawn(#[source] io::Error),
     /// QEMU exited while the harness still needed it.
     #[error("QEMU exited ({status}); last lines of its log {log}:\n{tail}")]
-    Exited {
-        status: ExitStatus,
-        log: PathBuf,
-        tail: String,
-    },
+    Exited { status: ExitStatus, log: PathBuf, tail: String },
     /// QEMU did not exit in time.
     #[error("QEMU (pid {pid}) did not exit within {timeout:?}")]
     StillRunning { pid: u32, timeout: Duration },
@@ -69,10 +61,7 @@ pub fn render(
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
         }
-        let error = |reason: String| VmError::Template {
-            line: number + 1,
-            reason,
-        };
+        let error = |reason: String| VmError::Template { line: number + 1, reason };
         let (option, value) = match line.split_once(' ') {
             Some((option, value)) => (option, Some(value)),
             None => (line, None),
@@ -109,25 +98,14 @@ pub fn render(
 /// one option (with its value) per entry.
 pub fn card_args(socket: &Path, memory_mb: u32) -> Result<Vec<Vec<String>>, VmError> {
     let socket = qemu_path("the card socket", socket)?;
-    render(
-        CARD_ARGS,
-        &[
-            ("SOCKET", Some(socket)),
-            ("MEM", Some(&memory_mb.to_string())),
-        ],
-    )
+    render(CARD_ARGS, &[("SOCKET", Some(socket)), ("MEM", Some(&memory_mb.to_string()))])
 }
 
 /// Formats option lines for a shell, one option per line joined by backslash-newlines.
 pub fn shell_lines(lines: &[Vec<String>]) -> String {
     lines
         .iter()
-        .map(|args| {
-            args.iter()
-                .map(|a| crate::shell_quote(a))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
+        .map(|args| args.iter().map(|a| crate::shell_quote(a)).collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
         .join(" \\\n")
 }
@@ -140,15 +118,8 @@ fn qemu_path<'a>(what: &'static str, path: &'a Path) -> Result<&'a str, VmError>
         path: path.to_owned(),
         bad: '\u{fffd}',
     })?;
-    match text
-        .chars()
-        .find(|c| matches!(c, ',' | '"' | '\\') || c.is_control())
-    {
-        Some(bad) => Err(VmError::UnsuitablePath {
-            what,
-            path: path.to_owned(),
-            bad,
-        }),
+    match text.chars().find(|c| matches!(c, ',' | '"' | '\\') || c.is_control()) {
+        Some(bad) => Err(VmError::UnsuitablePath { what, path: path.to_owned(), bad }),
         None => Ok(text),
     }
 }
@@ -238,21 +209,14 @@ impl Vm {
     /// Starts `qemu` with `config`'s VM. Use [`Vm::connect_qmp`] to wait until it is up.
     pub fn launch(qemu: &Qemu, config: &VmConfig) -> Result<Self, VmError> {
         let io_error = |context: String| move |source| VmError::Io { context, source };
-        std::fs::create_dir_all(&config.run_dir).map_err(io_error(format!(
-            "cannot create {}",
-            config.run_dir.display()
-        )))?;
+        std::fs::create_dir_all(&config.run_dir)
+            .map_err(io_error(format!("cannot create {}", config.run_dir.display())))?;
         let qemu_log = config.qemu_log();
         let log = File::create(&qemu_log)
             .map_err(io_error(format!("cannot create {}", qemu_log.display())))?;
-        let stdout = log
-            .try_clone()
-            .map_err(io_error("cannot duplicate the log file".into()))?;
+        let stdout = log.try_clone().map_err(io_error("cannot duplicate the log file".into()))?;
         let mut cmd = qemu.command();
-        cmd.args(config.args()?)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(log);
+        cmd.args(config.args()?).stdin(Stdio::null()).stdout(stdout).stderr(log);
         info!("starting QEMU: {}", crate::command_line(&cmd));
         let child = cmd.spawn().map_err(VmError::Spawn)?;
         Ok(Vm {
@@ -288,11 +252,7 @@ impl Vm {
     }
 
     fn exited(&self, status: ExitStatus) -> VmError {
-        VmError::Exited {
-            status,
-            log: self.log.clone(),
-            tail: self.log_tail(),
-        }
+        VmError::Exited { status, log: self.log.clone(), tail: self.log_tail() }
     }
 
     /// The file holding QEMU's own output.
@@ -334,10 +294,7 @@ impl Vm {
                 return Ok(status);
             }
             if Instant::now() >= deadline {
-                return Err(VmError::StillRunning {
-                    pid: self.pid(),
-                    timeout,
-                });
+                return Err(VmError::StillRunning { pid: self.pid(), timeout });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -365,19 +322,10 @@ mod tests {
     #[test]
     fn templates_substitute_values_and_drop_lines_without_one() {
         let template = "# comment\n-a @X@\n\n-b\n-c @Y@,x=@X@\n-d @Z@\n";
-        let lines = render(
-            template,
-            &[("X", Some("1")), ("Y", Some("two words")), ("Z", None)],
-        )
-        .unwrap();
-        assert_eq!(
-            lines,
-            [vec!["-a", "1"], vec!["-b"], vec!["-c", "two words,x=1"]]
-        );
-        assert!(matches!(
-            render("-a @W@", &[]),
-            Err(VmError::Template { line: 1, .. })
-        ));
+        let lines =
+            render(template, &[("X", Some("1")), ("Y", Some("two words")), ("Z", None)]).unwrap();
+        assert_eq!(lines, [vec!["-a", "1"], vec!["-b"], vec!["-c", "two words,x=1"]]);
+        assert!(matches!(render("-a @W@", &[]), Err(VmError::Template { line: 1, .. })));
         assert!(matches!(
             render("\n-a @W", &[("W", Some("x"))]),
             Err(VmError::Template { line: 2, .. })
@@ -412,18 +360,13 @@ mod tests {
             ["-machine", "q35"],
             ["-qmp", "unix:/r/qmp.sock,server=on,wait=off"],
         ] {
-            assert!(
-                args.windows(2).any(|w| w == pair),
-                "{pair:?} missing from {args:?}"
-            );
+            assert!(args.windows(2).any(|w| w == pair), "{pair:?} missing from {args:?}");
         }
         config.kernel = Some("/k/bzImage".into());
         config.append = Some("console=ttyS0 panic=-1".into());
         let args = config.args().unwrap();
         assert!(args.windows(2).any(|w| w == ["-kernel", "/k/bzImage"]));
-        assert!(args
-            .windows(2)
-            .any(|w| w == ["-append", "console=ttyS0 panic=-1"]));
+        assert!(args.windows(2).any(|w| w == ["-append", "console=ttyS0 panic=-1"]));
         assert!(!args.iter().any(|a| a == "-initrd"));
     }
 }

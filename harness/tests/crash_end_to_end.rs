@@ -40,7 +40,11 @@ fn sequential_full_dump_of_a_bug_check() -> Result<()> {
     assert_eq!(format!("{:?}", d.sidecar.bugcheck.as_ref().unwrap().source), "Announced");
     assert!(d.verified.pages_equal > 15_000, "{:?}", d.verified);
     assert!(d.verified.checks.iter().any(|c| c.contains("through DirectoryTableBase")));
-    assert!(d.verified.checks.iter().any(|c| c.contains("secondary data block {c4a50d01")), "{:?}", d.verified.checks);
+    assert!(
+        d.verified.checks.iter().any(|c| c.contains("secondary data block {c4a50d01")),
+        "{:?}",
+        d.verified.checks
+    );
     Ok(())
 }
 
@@ -139,11 +143,18 @@ fn qemu_killed_mid_stream_leaves_an_incomplete_dump_with_every_byte() -> Result<
     ensure!(incomplete.len() == 1, "{incomplete:?}");
     let (path, sidecar) = &incomplete[0];
     assert!(path.to_string_lossy().ends_with(".incomplete.dmp"));
-    assert_eq!(sidecar.incomplete_reason.as_deref(), Some("VM disconnected while the dump was streaming"));
+    assert_eq!(
+        sidecar.incomplete_reason.as_deref(),
+        Some("VM disconnected while the dump was streaming")
+    );
     let bytes = std::fs::read(path)?;
     assert_eq!(bytes.len() as u64, sidecar.bytes_received, "every byte received is in the file");
     assert_eq!(sidecar.missing_bytes, Some(0));
-    assert!(bytes.len() > 16 << 20 && bytes.len() < 128 << 20, "killed mid-stream: {}", bytes.len());
+    assert!(
+        bytes.len() > 16 << 20 && bytes.len() < 128 << 20,
+        "killed mid-stream: {}",
+        bytes.len()
+    );
     let sha: String = {
         use sha2::Digest;
         sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
@@ -168,7 +179,10 @@ fn qemu_killed_mid_stream_leaves_an_incomplete_dump_with_every_byte() -> Result<
         for pfn in base..base + count {
             let Some(page) = bytes.get(offset..offset + 0x1000) else { break 'runs };
             offset += 0x1000;
-            if (start / 0x1000..end / 0x1000).contains(&pfn) && pfn != workload.var_pfn && !modified.contains(&pfn) {
+            if (start / 0x1000..end / 0x1000).contains(&pfn)
+                && pfn != workload.var_pfn
+                && !modified.contains(&pfn)
+            {
                 for (j, w) in page.chunks_exact(8).enumerate() {
                     let pa = pfn * 0x1000 + 8 * j as u64;
                     assert_eq!(w, splitmix64(pa ^ seed).to_le_bytes(), "pfn {pfn:#x} word {j}");
@@ -178,6 +192,9 @@ fn qemu_killed_mid_stream_leaves_an_incomplete_dump_with_every_byte() -> Result<
         }
     }
     assert!(checked > 3000, "only {checked} workload pages arrived");
-    println!("killed after {} bytes; {checked} workload pages verified in the incomplete dump", bytes.len());
+    println!(
+        "killed after {} bytes; {checked} workload pages verified in the incomplete dump",
+        bytes.len()
+    );
     Ok(())
 }

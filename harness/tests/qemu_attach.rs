@@ -47,26 +47,16 @@ impl Rig {
     }
 
     fn logs(&self) -> String {
-        format!(
-            "device model log:\n{}\nQEMU log:\n{}",
-            self.card.log_tail(),
-            self.vm.log_tail()
-        )
+        format!("device model log:\n{}\nQEMU log:\n{}", self.card.log_tail(), self.vm.log_tail())
     }
 
     /// `quit`, then both processes must exit successfully.
     fn quit(mut self) -> Result<()> {
         self.qmp.quit()?;
         let qemu_exit = self.vm.wait_timeout(Duration::from_secs(30))?;
-        ensure!(
-            qemu_exit.success(),
-            "QEMU exited with {qemu_exit}\n{}",
-            self.logs()
-        );
-        let device_exit = self
-            .card
-            .wait_timeout(Duration::from_secs(30))
-            .with_context(|| self.logs())?;
+        ensure!(qemu_exit.success(), "QEMU exited with {qemu_exit}\n{}", self.logs());
+        let device_exit =
+            self.card.wait_timeout(Duration::from_secs(30)).with_context(|| self.logs())?;
         ensure!(
             device_exit.success(),
             "the device model exited with {device_exit}\n{}",
@@ -81,10 +71,8 @@ fn qemu_sees_the_card_the_datasheet_describes() -> Result<()> {
     let mut rig = Rig::start("qemu-attach")?;
     let buses = rig.qmp.query_pci()?;
     let found = pci::find_card(&buses).with_context(|| {
-        let devices: Vec<String> = pci::all_devices(&buses)
-            .into_iter()
-            .map(pci::describe)
-            .collect();
+        let devices: Vec<String> =
+            pci::all_devices(&buses).into_iter().map(pci::describe).collect();
         format!(
             "no {:04x}:{:04x} device on the bus: {devices:#?}\n{}",
             abi::PCI_VENDOR_ID,
@@ -111,19 +99,11 @@ fn qemu_sees_the_card_the_datasheet_describes() -> Result<()> {
     assert_eq!(abi::BAR2_SIZE, 4 << 20);
     assert_eq!(bar2.mem_type_64, Some(true), "BAR2 is a 64-bit BAR");
     assert_eq!(bar2.prefetch, Some(true), "BAR2 is prefetchable");
-    assert!(
-        pci::bar(found, 3).is_none(),
-        "BAR3 is BAR2's upper half, not a BAR of its own"
-    );
+    assert!(pci::bar(found, 3).is_none(), "BAR3 is BAR2's upper half, not a BAR of its own");
     assert_eq!(pci::datasheet_mismatches(found), Vec::<String>::new());
 
     let status = rig.qmp.query_status()?;
-    ensure!(
-        status.running,
-        "the VM is not running: {:?}\n{}",
-        status.status,
-        rig.logs()
-    );
+    ensure!(status.running, "the VM is not running: {:?}\n{}", status.status, rig.logs());
     rig.quit()
 }
 
@@ -134,15 +114,8 @@ fn qmp_drives_a_vm_with_the_card() -> Result<()> {
     let mut rig = Rig::start("qmp-drive")?;
 
     let info_pci = rig.qmp.human_monitor_command("info pci")?;
-    let id = format!(
-        "PCI device {:04x}:{:04x}",
-        abi::PCI_VENDOR_ID,
-        abi::PCI_DEVICE_ID
-    );
-    ensure!(
-        info_pci.contains(&id),
-        "HMP `info pci` lacks {id:?}:\n{info_pci}"
-    );
+    let id = format!("PCI device {:04x}:{:04x}", abi::PCI_VENDOR_ID, abi::PCI_DEVICE_ID);
+    ensure!(info_pci.contains(&id), "HMP `info pci` lacks {id:?}:\n{info_pci}");
 
     // The top 64 KiB below 4 GiB: the end of the BIOS ROM, with the reset vector.
     let dump = rig.dir.path().join("bios.bin");
@@ -155,16 +128,9 @@ fn qmp_drives_a_vm_with_the_card() -> Result<()> {
     rig.qmp.inject_nmi()?;
     rig.qmp.system_reset()?;
     let reset = rig.qmp.wait_event("RESET", Duration::from_secs(30))?;
-    assert!(
-        matches!(reset.typed(), Some(qmp::Event::RESET { .. })),
-        "{reset:?}"
-    );
+    assert!(matches!(reset.typed(), Some(qmp::Event::RESET { .. })), "{reset:?}");
     let buses = rig.qmp.query_pci()?;
-    ensure!(
-        pci::find_card(&buses).is_some(),
-        "the card is gone after a reset\n{}",
-        rig.logs()
-    );
+    ensure!(pci::find_card(&buses).is_some(), "the card is gone after a reset\n{}", rig.logs());
     assert!(rig.qmp.query_status()?.running);
 
     let error = rig.qmp.human_monitor_command("no-such-command")?;

@@ -115,11 +115,7 @@ impl Session {
         let id = Uuid::new_v4();
         let base = format!("{}-{}-{}", config.vm_name, now.format("%Y%m%dT%H%M%SZ"), id);
         let partial = config.output_dir.join(format!("{base}{PARTIAL_SUFFIX}"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&partial)?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&partial)?;
         // Held until the session closes; see `recover_stale`.
         file.try_lock().map_err(io::Error::other)?;
         let sidecar = Sidecar {
@@ -261,11 +257,7 @@ impl Session {
                 self.sidecar.bytes_received
             ),
         }
-        Ok(Finished {
-            dump_path,
-            sidecar_path: self.sidecar_path(),
-            sidecar: self.sidecar,
-        })
+        Ok(Finished { dump_path, sidecar_path: self.sidecar_path(), sidecar: self.sidecar })
     }
 
     fn sidecar_path(&self) -> PathBuf {
@@ -346,9 +338,8 @@ pub fn recover_stale(dir: &Path) -> io::Result<Vec<PathBuf>> {
         let size = file.metadata()?.len();
         let sha = hash_file(&file)?;
         fs::rename(&path, dir.join(&dump_name))?;
-        if let Some(mut sidecar) = fs::read(&sidecar_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Sidecar>(&b).ok())
+        if let Some(mut sidecar) =
+            fs::read(&sidecar_path).ok().and_then(|b| serde_json::from_slice::<Sidecar>(&b).ok())
         {
             sidecar.dump_file = dump_name.clone();
             sidecar.state = DumpState::Incomplete;

@@ -136,7 +136,11 @@ impl CardIo for &VfioCard {
         // SAFETY: in bounds (asserted), and the mapping is plain shared bytes that no Rust
         // reference in this process aliases.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.window.as_mut_ptr().add(offset), data.len())
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.window.as_mut_ptr().add(offset),
+                data.len(),
+            )
         }
     }
 }

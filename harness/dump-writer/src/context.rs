@@ -390,7 +390,8 @@ impl Context {
     /// record on the stack).
     pub fn write_to(&self, out: &mut [u8; crate::CONTEXT_SIZE]) {
         let mut p = Put { out, at: 0 };
-        for v in [self.p1_home, self.p2_home, self.p3_home, self.p4_home, self.p5_home, self.p6_home]
+        for v in
+            [self.p1_home, self.p2_home, self.p3_home, self.p4_home, self.p5_home, self.p6_home]
         {
             p.u64(v);
         }
@@ -405,8 +406,7 @@ impl Context {
         }
         for v in [
             self.rax, self.rcx, self.rdx, self.rbx, self.rsp, self.rbp, self.rsi, self.rdi,
-            self.r8, self.r9, self.r10, self.r11, self.r12, self.r13, self.r14, self.r15,
-            self.rip,
+            self.r8, self.r9, self.r10, self.r11, self.r12, self.r13, self.r14, self.r15, self.rip,
         ] {
             p.u64(v);
         }

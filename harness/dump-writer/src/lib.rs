@@ -126,8 +126,8 @@ pub use context::{
 pub use crashmon_card_abi::DumpIoType;
 
 use extent::{Backward, Extent, Forward, Selection};
-use format::{blob, exception_record64 as exr, header64 as h, physical_memory_descriptor64 as pmd};
 use format::summary_dump64 as sd;
+use format::{blob, exception_record64 as exr, header64 as h, physical_memory_descriptor64 as pmd};
 
 /// Size of a physical page, and the unit of every run and of the bitmap.
 pub const PAGE_SIZE: usize = 0x1000;
@@ -427,7 +427,10 @@ fn bitmap_bytes(bits: u64) -> u64 {
 /// this first; call it to learn the file size or the scratch size ahead of time.
 pub fn layout(plan: &DumpPlan) -> Result<DumpLayout, DumpError> {
     let chunk_size = plan.chunk_size;
-    if chunk_size == 0 || !chunk_size.is_multiple_of(PAGE_SIZE) || u32::try_from(chunk_size).is_err() {
+    if chunk_size == 0
+        || !chunk_size.is_multiple_of(PAGE_SIZE)
+        || u32::try_from(chunk_size).is_err()
+    {
         return Err(DumpError::BadChunkSize { chunk_size });
     }
     let runs = plan.runs;
@@ -540,10 +543,7 @@ pub fn scratch_size(plan: &DumpPlan) -> usize {
     match plan.kind {
         DumpKind::Full => HEADER_SIZE,
         DumpKind::Bitmap { .. } => {
-            let end_pfn = plan
-                .runs
-                .last()
-                .map_or(0, |r| r.base_page.saturating_add(r.page_count));
+            let end_pfn = plan.runs.last().map_or(0, |r| r.base_page.saturating_add(r.page_count));
             let meta = (HEADER_SIZE as u64 + sd::BITMAP as u64)
                 .saturating_add(bitmap_bytes(end_pfn))
                 .saturating_add(PAGE - 1)

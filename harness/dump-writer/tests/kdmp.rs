@@ -634,7 +634,11 @@ fn failures_while_writing_leave_the_dump_incomplete() {
     impl PhysicalMemory for Broken {
         fn page(&self, pfn: u64) -> &[u8] {
             let p = self.0.page(pfn);
-            if pfn == 0x150 { &p[..100] } else { p }
+            if pfn == 0x150 {
+                &p[..100]
+            } else {
+                p
+            }
         }
     }
     let memory = Memory::with_page_tables();
@@ -673,10 +677,8 @@ fn secondary_blob_layout_on_disk() {
     let memory = Memory::with_page_tables();
     let ctx = context();
     let data = b"0123456789abc";
-    let secondary = [
-        SecondaryBlob { guid: GUID_A, data },
-        SecondaryBlob { guid: GUID_B, data: &data[..8] },
-    ];
+    let secondary =
+        [SecondaryBlob { guid: GUID_A, data }, SecondaryBlob { guid: GUID_B, data: &data[..8] }];
     let p = plan(DumpKind::Full, WriteOrder::Sequential, &ctx, &secondary, 0x10000);
     let (sink, size) = write(&p, &memory);
     let f = &sink.file;

@@ -83,7 +83,8 @@ static BOOT_PD: Global<[PageTable; 4]> = Global::new([const { PageTable([0; 512]
 
 /// Tables for mappings made after boot (BARs above 4 GiB, high 4 KiB pages).
 const POOL_TABLES: usize = 16;
-static TABLE_POOL: Global<[PageTable; POOL_TABLES]> = Global::new([const { PageTable([0; 512]) }; POOL_TABLES]);
+static TABLE_POOL: Global<[PageTable; POOL_TABLES]> =
+    Global::new([const { PageTable([0; 512]) }; POOL_TABLES]);
 static TABLES_USED: Global<usize> = Global::new(0);
 
 global_asm!(
@@ -394,7 +395,10 @@ pub fn init_gdt(ist: [u64; 7]) {
         let gdt = GDT.as_mut();
         gdt[8] = low;
         gdt[9] = base >> 32;
-        let ptr = DescriptorPointer { limit: (size_of::<[u64; 10]>() - 1) as u16, base: GDT.get() as u64 };
+        let ptr = DescriptorPointer {
+            limit: (size_of::<[u64; 10]>() - 1) as u16,
+            base: GDT.get() as u64,
+        };
         // SAFETY: a valid GDT whose 0x10/0x18 match what is loaded; reloading CS by far return.
         asm!(
             "lgdt [{ptr}]",
@@ -463,7 +467,12 @@ unsafe fn next_table(table: *mut PageTable, index: usize) -> Result<*mut PageTab
 }
 
 fn indexes(va: u64) -> [usize; 4] {
-    [(va >> 39) as usize & 511, (va >> 30) as usize & 511, (va >> 21) as usize & 511, (va >> 12) as usize & 511]
+    [
+        (va >> 39) as usize & 511,
+        (va >> 30) as usize & 511,
+        (va >> 21) as usize & 511,
+        (va >> 12) as usize & 511,
+    ]
 }
 
 /// Identity-maps `[start, start + len)` with 2 MiB pages, uncached for MMIO (BARs above 4 GiB)
@@ -510,7 +519,10 @@ pub fn uncache_non_ram(info: &BootInfo) {
     for (i, entry) in pds.iter_mut().flat_map(|pd| pd.0.iter_mut()).enumerate() {
         let start = i as u64 * LARGE_PAGE_SIZE;
         let end = start + LARGE_PAGE_SIZE;
-        let has_ram = info.memmap().iter().any(|e| e.kind == MEMMAP_RAM && e.addr < end && e.addr + e.size > start);
+        let has_ram = info
+            .memmap()
+            .iter()
+            .any(|e| e.kind == MEMMAP_RAM && e.addr < end && e.addr + e.size > start);
         if !has_ram {
             *entry |= pte::PCD | pte::PWT;
         }
@@ -529,7 +541,9 @@ pub fn translate(va: u64) -> Option<u64> {
             return None;
         }
         if level == 2 && entry & pte::PS != 0 {
-            return Some((entry & pte::ADDR & !(LARGE_PAGE_SIZE - 1)) | (va & (LARGE_PAGE_SIZE - 1)));
+            return Some(
+                (entry & pte::ADDR & !(LARGE_PAGE_SIZE - 1)) | (va & (LARGE_PAGE_SIZE - 1)),
+            );
         }
         if level == 3 {
             return Some((entry & pte::ADDR) | (va & (PAGE_SIZE - 1)));

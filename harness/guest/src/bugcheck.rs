@@ -65,8 +65,12 @@ pub const NMI_SOURCE_TAG: u64 = 0x004F_4454;
 
 /// Tag of the guest's own secondary blob: the violation report.
 /// {C4A50D02-6775-4573-8000-7265706F7274} ("report").
-pub const GUEST_REPORT_GUID: GUID =
-    GUID { Data1: 0xC4A5_0D02, Data2: 0x6775, Data3: 0x4573, Data4: [0x80, 0x00, b'r', b'e', b'p', b'o', b'r', b't'] };
+pub const GUEST_REPORT_GUID: GUID = GUID {
+    Data1: 0xC4A5_0D02,
+    Data2: 0x6775,
+    Data3: 0x4573,
+    Data4: [0x80, 0x00, b'r', b'e', b'p', b'o', b'r', b't'],
+};
 
 /// A forbidden service used at HIGH_LEVEL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +150,10 @@ fn reason_checksum(routine: usize, reason: KBUGCHECK_CALLBACK_REASON, component:
 }
 
 fn legacy_checksum(routine: usize, buffer: PVOID, length: ULONG, component: PUCHAR) -> usize {
-    routine.wrapping_add(buffer as usize).wrapping_add(length as usize).wrapping_add(component as usize)
+    routine
+        .wrapping_add(buffer as usize)
+        .wrapping_add(length as usize)
+        .wrapping_add(component as usize)
 }
 
 /// `KeRegisterBugCheckReasonCallback`.
@@ -186,7 +193,9 @@ pub unsafe fn KeRegisterBugCheckReasonCallback(
 /// # Safety
 /// `record` must be valid.
 #[allow(non_snake_case)]
-pub unsafe fn KeDeregisterBugCheckReasonCallback(CallbackRecord: *mut KBUGCHECK_REASON_CALLBACK_RECORD) -> BOOLEAN {
+pub unsafe fn KeDeregisterBugCheckReasonCallback(
+    CallbackRecord: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
+) -> BOOLEAN {
     let Some(old) = LIST_LOCK.acquire() else { return FALSE };
     // SAFETY: caller's promise; the lock serialises list changes.
     let removed = unsafe {
@@ -241,7 +250,9 @@ pub unsafe fn KeRegisterBugCheckCallback(
 /// # Safety
 /// `record` must be valid.
 #[allow(non_snake_case)]
-pub unsafe fn KeDeregisterBugCheckCallback(CallbackRecord: *mut KBUGCHECK_CALLBACK_RECORD) -> BOOLEAN {
+pub unsafe fn KeDeregisterBugCheckCallback(
+    CallbackRecord: *mut KBUGCHECK_CALLBACK_RECORD,
+) -> BOOLEAN {
     let Some(old) = LIST_LOCK.acquire() else { return FALSE };
     // SAFETY: caller's promise; the lock serialises list changes.
     let removed = unsafe {
@@ -293,7 +304,10 @@ impl BugCheckRegistry for GuestRegistry {
         // SAFETY: forwarded contract.
         unsafe { KeRegisterBugCheckReasonCallback(record, routine, reason, component) == TRUE }
     }
-    unsafe fn deregister_reason_callback(&self, record: *mut KBUGCHECK_REASON_CALLBACK_RECORD) -> bool {
+    unsafe fn deregister_reason_callback(
+        &self,
+        record: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
+    ) -> bool {
         // SAFETY: forwarded contract.
         unsafe { KeDeregisterBugCheckReasonCallback(record) == TRUE }
     }
@@ -375,8 +389,28 @@ static DATA: Global<BugCheckData> = Global::new(BugCheckData {
     code: 0,
     parameters: [0; 4],
     frame: TrapFrame {
-        rax: 0, rbx: 0, rcx: 0, rdx: 0, rsi: 0, rdi: 0, rbp: 0, r8: 0, r9: 0, r10: 0, r11: 0, r12: 0,
-        r13: 0, r14: 0, r15: 0, vector: 0, error_code: 0, rip: 0, cs: 0, rflags: 0, rsp: 0, ss: 0,
+        rax: 0,
+        rbx: 0,
+        rcx: 0,
+        rdx: 0,
+        rsi: 0,
+        rdi: 0,
+        rbp: 0,
+        r8: 0,
+        r9: 0,
+        r10: 0,
+        r11: 0,
+        r12: 0,
+        r13: 0,
+        r14: 0,
+        r15: 0,
+        vector: 0,
+        error_code: 0,
+        rip: 0,
+        cs: 0,
+        rflags: 0,
+        rsp: 0,
+        ss: 0,
     },
     current: None,
     violations: [None; MAX_VIOLATIONS],
@@ -396,7 +430,8 @@ struct Arena([u8; SECONDARY_BUDGET]);
 static ARENA: Global<Arena> = Global::new(Arena([0; SECONDARY_BUDGET]));
 
 #[link_section = ".bss.crashmon_volatile"]
-static BUGCHECK_STACK: Global<Stack<BUGCHECK_STACK_SIZE>> = Global::new(Stack([0; BUGCHECK_STACK_SIZE]));
+static BUGCHECK_STACK: Global<Stack<BUGCHECK_STACK_SIZE>> =
+    Global::new(Stack([0; BUGCHECK_STACK_SIZE]));
 
 /// Whether a bug check is under way.
 pub fn active() -> bool {
@@ -444,7 +479,12 @@ pub fn report_violation(what: Violation) {
     if component.is_null() {
         println!("CRASHMON VIOLATION {} in kernel", what.name());
     } else {
-        println!("CRASHMON VIOLATION {} in {}/{}", what.name(), component_name(component), reason_name(reason));
+        println!(
+            "CRASHMON VIOLATION {} in {}/{}",
+            what.name(),
+            component_name(component),
+            reason_name(reason)
+        );
     }
     if data.violation_count < MAX_VIOLATIONS {
         data.violations[data.violation_count] = Some(ViolationRecord { what, component, reason });
@@ -499,7 +539,14 @@ pub extern "C" fn KeBugCheckEx(code: u32, p1: u64, p2: u64, p3: u64, p4: u64) ->
     )
 }
 
-extern "C" fn bugcheck_from_call(code: u32, p1: u64, p2: u64, p3: u64, p4: u64, frame: &TrapFrame) -> ! {
+extern "C" fn bugcheck_from_call(
+    code: u32,
+    p1: u64,
+    p2: u64,
+    p3: u64,
+    p4: u64,
+    frame: &TrapFrame,
+) -> ! {
     enter(code, [p1, p2, p3, p4], frame)
 }
 
@@ -551,7 +598,10 @@ fn enter(code: u32, parameters: [u64; 4], frame: &TrapFrame) -> ! {
 extern "C" fn bugcheck_main() -> ! {
     // SAFETY: bug-check path; copies of scalars only.
     let (code, p) = unsafe { ((*DATA.get()).code, (*DATA.get()).parameters) };
-    println!("CRASHMON BUGCHECK code={:#x} p1={:#x} p2={:#x} p3={:#x} p4={:#x}", code, p[0], p[1], p[2], p[3]);
+    println!(
+        "CRASHMON BUGCHECK code={:#x} p1={:#x} p2={:#x} p3={:#x} p4={:#x}",
+        code, p[0], p[1], p[2], p[3]
+    );
     for pfn in modified_pages() {
         println!("CRASHMON MODIFIED pfn={:#x}", pfn);
     }
@@ -592,7 +642,10 @@ pub fn modified_pages() -> impl Iterator<Item = u64> {
 ///
 /// # Safety
 /// Bug-check path: the list does not change under us and every record is resident.
-unsafe fn for_each_reason(reason: i32, mut f: impl FnMut(*mut KBUGCHECK_REASON_CALLBACK_RECORD, KBUGCHECK_REASON_CALLBACK_ROUTINE)) {
+unsafe fn for_each_reason(
+    reason: i32,
+    mut f: impl FnMut(*mut KBUGCHECK_REASON_CALLBACK_RECORD, KBUGCHECK_REASON_CALLBACK_ROUTINE),
+) {
     let head = REASON_LIST.get();
     // SAFETY: per the function contract the list is intact; records are resident.
     unsafe {
@@ -626,13 +679,23 @@ unsafe fn poll_add_pages(code: u32) {
     // SAFETY: bug-check path; the callback gets a valid KBUGCHECK_ADD_PAGES.
     unsafe {
         for_each_reason(KbCallbackAddPages, |record, routine| {
-            let mut request =
-                KBUGCHECK_ADD_PAGES { Context: ptr::null_mut(), Flags: 0, BugCheckCode: code, Address: 0, Count: 0 };
+            let mut request = KBUGCHECK_ADD_PAGES {
+                Context: ptr::null_mut(),
+                Flags: 0,
+                BugCheckCode: code,
+                Address: 0,
+                Count: 0,
+            };
             for _ in 0..MAX_ADDED {
                 request.Flags = 0;
                 request.Address = 0;
                 request.Count = 0;
-                routine(KbCallbackAddPages, record, &mut request as *mut _ as PVOID, size_of::<KBUGCHECK_ADD_PAGES>() as ULONG);
+                routine(
+                    KbCallbackAddPages,
+                    record,
+                    &mut request as *mut _ as PVOID,
+                    size_of::<KBUGCHECK_ADD_PAGES>() as ULONG,
+                );
                 if request.Count > 0 {
                     let physical = if request.Flags & KB_ADD_PAGES_FLAG_PHYSICAL_ADDRESS != 0 {
                         Some(request.Address as u64)
@@ -651,7 +714,10 @@ unsafe fn poll_add_pages(code: u32) {
                                 request.Count
                             );
                         }
-                        _ => println!("CRASHMON ERROR AddPages address {:#x} not mapped or too many ranges", request.Address),
+                        _ => println!(
+                            "CRASHMON ERROR AddPages address {:#x} not mapped or too many ranges",
+                            request.Address
+                        ),
                     }
                 }
                 if request.Flags & KB_ADD_PAGES_FLAG_ADDITIONAL_RANGES_EXIST == 0 {
@@ -704,7 +770,11 @@ unsafe fn poll_secondary_data() {
                 }
                 used += (len + 7) & !7;
             }
-            add_blob(Blob { guid: request.Guid.to_bytes(), data: request.OutBuffer as *const u8, len });
+            add_blob(Blob {
+                guid: request.Guid.to_bytes(),
+                data: request.OutBuffer as *const u8,
+                len,
+            });
         });
         // The guest's own report goes after the callbacks' data, in the rest of the arena.
         (*DATA.get()).report_at = used;
@@ -749,15 +819,28 @@ unsafe fn add_report_blob() {
     // SAFETY: bug-check path; the arena past report_at is unused.
     unsafe {
         let at = (*DATA.get()).report_at;
-        let buf = core::slice::from_raw_parts_mut((ARENA.get() as *mut u8).add(at), SECONDARY_BUDGET - at);
+        let buf = core::slice::from_raw_parts_mut(
+            (ARENA.get() as *mut u8).add(at),
+            SECONDARY_BUDGET - at,
+        );
         let data = &*DATA.get();
         let mut w = SliceWriter { buf, len: 0 };
         let _ = writeln!(w, "crashmon-guest violations={}", data.violation_count);
         for v in data.violations.iter().flatten() {
-            let _ = writeln!(w, "{} in {}/{}", v.what.name(), component_name(v.component), reason_name(v.reason));
+            let _ = writeln!(
+                w,
+                "{} in {}/{}",
+                v.what.name(),
+                component_name(v.component),
+                reason_name(v.reason)
+            );
         }
         let len = w.len;
-        add_blob(Blob { guid: GUEST_REPORT_GUID.to_bytes(), data: (ARENA.get() as *const u8).add(at), len });
+        add_blob(Blob {
+            guid: GUEST_REPORT_GUID.to_bytes(),
+            data: (ARENA.get() as *const u8).add(at),
+            len,
+        });
     }
 }
 
@@ -776,7 +859,12 @@ impl crashmon_dump_writer::DumpSink for CallbackSink {
         // BufferLength bytes for the call (callbacks only read it: the field is IN).
         unsafe {
             for_each_reason(KbCallbackDumpIo, |record, routine| {
-                routine(KbCallbackDumpIo, record, &mut io as *mut _ as PVOID, size_of::<KBUGCHECK_DUMP_IO>() as ULONG)
+                routine(
+                    KbCallbackDumpIo,
+                    record,
+                    &mut io as *mut _ as PVOID,
+                    size_of::<KBUGCHECK_DUMP_IO>() as ULONG,
+                )
             })
         }
     }
@@ -795,7 +883,14 @@ unsafe fn call_legacy_callbacks() {
             let next = (*entry).Flink;
             let record = &mut *(entry as *mut KBUGCHECK_CALLBACK_RECORD);
             if let Some(routine) = record.CallbackRoutine {
-                if record.Checksum == legacy_checksum(routine as usize, record.Buffer, record.Length, record.Component) {
+                if record.Checksum
+                    == legacy_checksum(
+                        routine as usize,
+                        record.Buffer,
+                        record.Length,
+                        record.Component,
+                    )
+                {
                     (*DATA.get()).current = Some((record.Component, -1));
                     record.State = BufferStarted as UCHAR;
                     routine(record.Buffer, record.Length);

@@ -21,8 +21,9 @@
 use core::arch::asm;
 
 use crashmon_dump_writer::{
-    write_dump as write, BugCheck, Context, DumpError, DumpKind, DumpPlan, PhysicalMemory, Run, SecondaryBlob,
-    WriteOrder, CONTEXT_CONTROL, CONTEXT_INTEGER, CONTEXT_SEGMENTS, MAX_RUNS, PAGE_SIZE,
+    write_dump as write, BugCheck, Context, DumpError, DumpKind, DumpPlan, PhysicalMemory, Run,
+    SecondaryBlob, WriteOrder, CONTEXT_CONTROL, CONTEXT_INTEGER, CONTEXT_SEGMENTS, MAX_RUNS,
+    PAGE_SIZE,
 };
 
 use crate::boot::{self, BootInfo};
@@ -59,7 +60,12 @@ impl PhysicalMemory for PhysMemory {
         // PHYSMAP_BASE (below 4 GiB always; above it by `map_identity` at boot, which the alias
         // shares). Nothing writes them while the slice lives except the bug-check path's own
         // declared pages.
-        unsafe { core::slice::from_raw_parts(boot::phys_to_virt(pfn * PAGE_SIZE as u64) as *const u8, PAGE_SIZE) }
+        unsafe {
+            core::slice::from_raw_parts(
+                boot::phys_to_virt(pfn * PAGE_SIZE as u64) as *const u8,
+                PAGE_SIZE,
+            )
+        }
     }
 
     fn pages(&self, first_pfn: u64, count: u64) -> Option<&[u8]> {
@@ -143,7 +149,8 @@ fn build_bitmap(runs: &[Run], data: &BugCheckData, bitmap: &mut [u8]) -> Option<
             }
         }
     }
-    let in_runs = |pfn: u64| runs.iter().any(|r| pfn >= r.base_page && pfn < r.base_page + r.page_count);
+    let in_runs =
+        |pfn: u64| runs.iter().any(|r| pfn >= r.base_page && pfn < r.base_page + r.page_count);
     for &(first, count) in &data.added[..data.added_count] {
         for pfn in first..first + count {
             if in_runs(pfn) {
@@ -170,9 +177,14 @@ fn system_time() -> u64 {
     let binary = cmos(0x0B) & 0x04 != 0;
     let v = |r: u8| {
         let x = cmos(r);
-        if binary { x as u64 } else { ((x >> 4) * 10 + (x & 0xF)) as u64 }
+        if binary {
+            x as u64
+        } else {
+            ((x >> 4) * 10 + (x & 0xF)) as u64
+        }
     };
-    let (sec, min, hour, day, month, year) = (v(0x00), v(0x02), v(0x04) & 0x7F, v(0x07), v(0x08), 2000 + v(0x09));
+    let (sec, min, hour, day, month, year) =
+        (v(0x00), v(0x02), v(0x04) & 0x7F, v(0x07), v(0x08), 2000 + v(0x09));
     // Days since 1970-01-01 (civil-from-days inverse, Howard Hinnant's algorithm).
     let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
     let era = y / 400;
@@ -188,8 +200,9 @@ fn system_time() -> u64 {
 /// size.
 pub fn write_dump(config: &Config, sink: &mut bugcheck::CallbackSink) -> Result<u64, DumpError> {
     // SAFETY: bug-check path; the module's buffers are only used here.
-    let (data, bitmap, scratch, context) =
-        unsafe { (bugcheck::data(), &mut BITMAP.as_mut().0, &mut SCRATCH.as_mut().0, CONTEXT.as_mut()) };
+    let (data, bitmap, scratch, context) = unsafe {
+        (bugcheck::data(), &mut BITMAP.as_mut().0, &mut SCRATCH.as_mut().0, CONTEXT.as_mut())
+    };
     let mut run_buf = [Run { base_page: 0, page_count: 0 }; MAX_RUNS];
     let n = runs(boot::info(), &mut run_buf);
     let runs = &run_buf[..n];
@@ -210,7 +223,10 @@ pub fn write_dump(config: &Config, sink: &mut bugcheck::CallbackSink) -> Result<
     for b in data.blobs[..data.blob_count].iter().flatten() {
         // SAFETY: each blob points into the arena or a driver's resident buffer, `len` bytes,
         // unchanged until the dump is written.
-        blobs[nblobs] = SecondaryBlob { guid: b.guid, data: unsafe { core::slice::from_raw_parts(b.data, b.len) } };
+        blobs[nblobs] = SecondaryBlob {
+            guid: b.guid,
+            data: unsafe { core::slice::from_raw_parts(b.data, b.len) },
+        };
         nblobs += 1;
     }
     let plan = DumpPlan {

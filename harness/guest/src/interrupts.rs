@@ -56,7 +56,8 @@ const IST_DOUBLE_FAULT: u8 = 2;
 const IST_MACHINE_CHECK: u8 = 3;
 const IST_FAULT: u8 = 4;
 
-static IST_STACKS: Global<[Stack<IST_STACK_SIZE>; 4]> = Global::new([const { Stack([0; IST_STACK_SIZE]) }; 4]);
+static IST_STACKS: Global<[Stack<IST_STACK_SIZE>; 4]> =
+    Global::new([const { Stack([0; IST_STACK_SIZE]) }; 4]);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -72,7 +73,15 @@ struct Gate {
 const _: () = assert!(size_of::<Gate>() == 16);
 
 static IDT: Global<[Gate; 256]> = Global::new(
-    [Gate { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 }; 256],
+    [Gate {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        type_attr: 0,
+        offset_mid: 0,
+        offset_high: 0,
+        reserved: 0,
+    }; 256],
 );
 
 macro_rules! stubs {
@@ -220,7 +229,8 @@ fn cr2() -> u64 {
 fn bugcheck_for(frame: &TrapFrame) -> (u32, [u64; 4]) {
     use status::*;
     let trap = frame as *const TrapFrame as u64;
-    let unhandled = |status: u64| (codes::KERNEL_MODE_EXCEPTION_NOT_HANDLED, [status, frame.rip, trap, 0]);
+    let unhandled =
+        |status: u64| (codes::KERNEL_MODE_EXCEPTION_NOT_HANDLED, [status, frame.rip, trap, 0]);
     match frame.vector {
         0 => unhandled(STATUS_INTEGER_DIVIDE_BY_ZERO),
         1 => unhandled(STATUS_SINGLE_STEP),

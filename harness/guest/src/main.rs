@@ -54,7 +54,9 @@ fn start_driver() -> Result<(), &'static str> {
         DRIVER.start(io, &bugcheck::GuestRegistry).map_err(|e| match e {
             crashmon_guest_driver::driver::StartError::AlreadyStarted => "driver already started",
             crashmon_guest_driver::driver::StartError::Card(_) => "the card refused probe or arm",
-            crashmon_guest_driver::driver::StartError::RegistrationFailed => "registering the driver's callbacks",
+            crashmon_guest_driver::driver::StartError::RegistrationFailed => {
+                "registering the driver's callbacks"
+            }
         })
     };
     let before = bugcheck::registered();

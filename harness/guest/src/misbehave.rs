@@ -16,7 +16,8 @@ use crate::services::{ExAllocatePoolWithTag, KEvent, KSpinLock};
 use crate::triggers::config;
 
 #[link_section = ".crashmon_volatile"]
-static RECORD: Global<KBUGCHECK_REASON_CALLBACK_RECORD> = Global::new(KBUGCHECK_REASON_CALLBACK_RECORD::new());
+static RECORD: Global<KBUGCHECK_REASON_CALLBACK_RECORD> =
+    Global::new(KBUGCHECK_REASON_CALLBACK_RECORD::new());
 static LOCK: KSpinLock = KSpinLock::new();
 static EVENT: KEvent = KEvent::new();
 
@@ -35,7 +36,11 @@ pub fn register() -> Result<(), &'static str> {
             c"crashmon-misbehave".as_ptr() as PUCHAR,
         )
     };
-    if ok { Ok(()) } else { Err("registering the misbehaving callback") }
+    if ok {
+        Ok(())
+    } else {
+        Err("registering the misbehaving callback")
+    }
 }
 
 /// # Safety

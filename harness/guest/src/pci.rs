@@ -16,13 +16,17 @@ const CONFIG_DATA: u16 = 0xCFC;
 
 fn outl(port: u16, value: u32) {
     // SAFETY: PCI configuration ports; no memory effects.
-    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    };
 }
 
 fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: PCI configuration ports; no memory effects.
-    unsafe { core::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    };
     value
 }
 
@@ -131,7 +135,11 @@ pub fn bar(f: Function, index: usize) -> Option<Bar> {
     if mask == 0 || mask == 0xFFFF_FFFF_0000_0000 {
         return None;
     }
-    Some(Bar { base: (high as u64) << 32 | (low & !0xF) as u64, size: (!mask).wrapping_add(1), is_64 })
+    Some(Bar {
+        base: (high as u64) << 32 | (low & !0xF) as u64,
+        size: (!mask).wrapping_add(1),
+        is_64,
+    })
 }
 
 /// Turns on memory-space decoding.
@@ -165,13 +173,20 @@ impl CardIo for GuestCardIo {
         }
         // SAFETY: BAR2 is mapped and the range is inside it (checked above); the data window
         // is plain memory with no side effects on write.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), (self.window + offset as u64) as *mut u8, data.len()) }
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (self.window + offset as u64) as *mut u8,
+                data.len(),
+            )
+        }
     }
 }
 
 /// Finds the card, checks its BARs, enables decoding and maps them.
 pub fn find_card() -> Result<(Function, GuestCardIo), &'static str> {
-    let f = find(abi::PCI_VENDOR_ID, abi::PCI_DEVICE_ID).ok_or("no crash-monitor card on the PCI bus")?;
+    let f = find(abi::PCI_VENDOR_ID, abi::PCI_DEVICE_ID)
+        .ok_or("no crash-monitor card on the PCI bus")?;
     let bar0 = bar(f, abi::BAR0_INDEX).ok_or("BAR0 is not a memory BAR")?;
     let bar2 = bar(f, abi::BAR2_INDEX).ok_or("BAR2 is not a memory BAR")?;
     if bar0.base == 0 || bar2.base == 0 {

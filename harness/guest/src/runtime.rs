@@ -70,7 +70,8 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
         // SAFETY: i < n, within both buffers per the contract.
-        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
+        let (x, y) =
+            unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
         if x != y {
             return x as i32 - y as i32;
         }
@@ -105,7 +106,13 @@ pub unsafe extern "C" fn strlen(s: *const u8) -> usize {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     crate::println!("CRASHMON PANIC {}", info);
-    crate::bugcheck::KeBugCheckEx(crate::bugcheck::codes::KMODE_EXCEPTION_NOT_HANDLED, 0xE000_0001, 0, 0, 0)
+    crate::bugcheck::KeBugCheckEx(
+        crate::bugcheck::codes::KMODE_EXCEPTION_NOT_HANDLED,
+        0xE000_0001,
+        0,
+        0,
+        0,
+    )
 }
 
 /// The prebuilt `core` is compiled with unwinding tables that name `rust_eh_personality`. With

@@ -13,14 +13,18 @@ const COM1: u16 = 0x3F8;
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects; the ports this kernel writes are the UART, the PCI
     // configuration ports, CMOS and the reset register, all of which it owns.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Reads I/O port `port`.
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as for `outb`.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    };
     value
 }
 

@@ -15,7 +15,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crashmon_guest_driver::wdm::{KIRQL, DISPATCH_LEVEL, HIGH_LEVEL, PASSIVE_LEVEL};
+use crashmon_guest_driver::wdm::{DISPATCH_LEVEL, HIGH_LEVEL, KIRQL, PASSIVE_LEVEL};
 
 use crate::bugcheck::{self, Violation};
 use crate::global::Global;
@@ -171,5 +171,9 @@ pub fn self_test() -> bool {
     }
     EVENT.set();
     let waited = EVENT.wait(0);
-    !block.is_null() && locked.is_some() && at_dispatch && KeGetCurrentIrql() == PASSIVE_LEVEL && waited
+    !block.is_null()
+        && locked.is_some()
+        && at_dispatch
+        && KeGetCurrentIrql() == PASSIVE_LEVEL
+        && waited
 }

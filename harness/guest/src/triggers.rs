@@ -149,13 +149,26 @@ pub fn init(cmdline: &str) -> &'static Config {
                 matches!(value, "full" | "bitmap")
             }
             "order" => {
-                c.order = if value == "outoforder" { WriteOrder::OutOfOrder } else { WriteOrder::Sequential };
+                c.order = if value == "outoforder" {
+                    WriteOrder::OutOfOrder
+                } else {
+                    WriteOrder::Sequential
+                };
                 matches!(value, "sequential" | "outoforder")
             }
             "misbehave" => value.split(',').all(|m| match m {
-                "alloc" => { c.misbehave_alloc = true; true }
-                "lock" => { c.misbehave_lock = true; true }
-                "wait" => { c.misbehave_wait = true; true }
+                "alloc" => {
+                    c.misbehave_alloc = true;
+                    true
+                }
+                "lock" => {
+                    c.misbehave_lock = true;
+                    true
+                }
+                "wait" => {
+                    c.misbehave_wait = true;
+                    true
+                }
                 _ => false,
             }),
             "reboot" => number(value).map(|v| c.reboot = v).is_some(),

@@ -41,7 +41,8 @@ struct Layout {
 static LAYOUT: Global<Layout> = Global::new(Layout { first_pfn: 0, end_pfn: 0, var_pfn: 0 });
 
 #[link_section = ".crashmon_volatile"]
-static ADD_PAGES_RECORD: Global<KBUGCHECK_REASON_CALLBACK_RECORD> = Global::new(KBUGCHECK_REASON_CALLBACK_RECORD::new());
+static ADD_PAGES_RECORD: Global<KBUGCHECK_REASON_CALLBACK_RECORD> =
+    Global::new(KBUGCHECK_REASON_CALLBACK_RECORD::new());
 
 /// splitmix64's output function.
 pub const fn splitmix64(x: u64) -> u64 {
@@ -130,7 +131,12 @@ pub fn init(info: &BootInfo, seed: u64) -> Result<(), &'static str> {
         seed,
         filled
     );
-    println!("CRASHMON VAR va={:#x} pa={:#x} value={:#x}", VAR_VA + VAR_OFFSET, var_pa + VAR_OFFSET, var_value(seed));
+    println!(
+        "CRASHMON VAR va={:#x} pa={:#x} value={:#x}",
+        VAR_VA + VAR_OFFSET,
+        var_pa + VAR_OFFSET,
+        var_value(seed)
+    );
     Ok(())
 }
 
@@ -144,7 +150,10 @@ unsafe extern "system" fn add_var_page(
     data: PVOID,
     length: ULONG,
 ) {
-    if reason != KbCallbackAddPages || data.is_null() || (length as usize) < core::mem::size_of::<KBUGCHECK_ADD_PAGES>() {
+    if reason != KbCallbackAddPages
+        || data.is_null()
+        || (length as usize) < core::mem::size_of::<KBUGCHECK_ADD_PAGES>()
+    {
         return;
     }
     // SAFETY: the bug check passes a valid KBUGCHECK_ADD_PAGES, ours to fill.

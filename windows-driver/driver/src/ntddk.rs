@@ -14,7 +14,13 @@
 //!
 //! This module uses only `core`, so the host-side tests (`windows-driver/pe-check`) compile it
 //! too and check the layouts and the resource-list walk on the build machine.
-#![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, clippy::upper_case_acronyms)]
+#![allow(
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    dead_code,
+    clippy::upper_case_acronyms
+)]
 
 use core::ffi::c_void;
 
@@ -137,15 +143,20 @@ pub struct UNICODE_STRING {
 }
 
 /// `DRIVER_INITIALIZE` (`DriverEntry`).
-pub type DRIVER_INITIALIZE =
-    unsafe extern "system" fn(DriverObject: *mut DRIVER_OBJECT, RegistryPath: *mut UNICODE_STRING) -> NTSTATUS;
+pub type DRIVER_INITIALIZE = unsafe extern "system" fn(
+    DriverObject: *mut DRIVER_OBJECT,
+    RegistryPath: *mut UNICODE_STRING,
+) -> NTSTATUS;
 /// `DRIVER_ADD_DEVICE`.
-pub type DRIVER_ADD_DEVICE =
-    unsafe extern "system" fn(DriverObject: *mut DRIVER_OBJECT, PhysicalDeviceObject: *mut DEVICE_OBJECT) -> NTSTATUS;
+pub type DRIVER_ADD_DEVICE = unsafe extern "system" fn(
+    DriverObject: *mut DRIVER_OBJECT,
+    PhysicalDeviceObject: *mut DEVICE_OBJECT,
+) -> NTSTATUS;
 /// `DRIVER_UNLOAD`.
 pub type DRIVER_UNLOAD = unsafe extern "system" fn(DriverObject: *mut DRIVER_OBJECT);
 /// `DRIVER_DISPATCH`.
-pub type DRIVER_DISPATCH = unsafe extern "system" fn(DeviceObject: *mut DEVICE_OBJECT, Irp: *mut IRP) -> NTSTATUS;
+pub type DRIVER_DISPATCH =
+    unsafe extern "system" fn(DeviceObject: *mut DEVICE_OBJECT, Irp: *mut IRP) -> NTSTATUS;
 
 /// `DRIVER_OBJECT`, allocated by the I/O manager. Size 0x150.
 #[repr(C)]

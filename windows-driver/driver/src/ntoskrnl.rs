@@ -66,9 +66,17 @@ extern "system" {
         RemlockSize: ULONG,
     ) -> NTSTATUS;
     pub fn IoReleaseRemoveLockEx(RemoveLock: *mut IO_REMOVE_LOCK, Tag: PVOID, RemlockSize: ULONG);
-    pub fn IoReleaseRemoveLockAndWaitEx(RemoveLock: *mut IO_REMOVE_LOCK, Tag: PVOID, RemlockSize: ULONG);
+    pub fn IoReleaseRemoveLockAndWaitEx(
+        RemoveLock: *mut IO_REMOVE_LOCK,
+        Tag: PVOID,
+        RemlockSize: ULONG,
+    );
 
-    pub fn MmMapIoSpaceEx(PhysicalAddress: PHYSICAL_ADDRESS, NumberOfBytes: SIZE_T, Protect: ULONG) -> PVOID;
+    pub fn MmMapIoSpaceEx(
+        PhysicalAddress: PHYSICAL_ADDRESS,
+        NumberOfBytes: SIZE_T,
+        Protect: ULONG,
+    ) -> PVOID;
     pub fn MmUnmapIoSpace(BaseAddress: PVOID, NumberOfBytes: SIZE_T);
 
     pub fn KeRegisterBugCheckReasonCallback(
@@ -77,7 +85,9 @@ extern "system" {
         Reason: KBUGCHECK_CALLBACK_REASON,
         Component: PUCHAR,
     ) -> BOOLEAN;
-    pub fn KeDeregisterBugCheckReasonCallback(CallbackRecord: *mut KBUGCHECK_REASON_CALLBACK_RECORD) -> BOOLEAN;
+    pub fn KeDeregisterBugCheckReasonCallback(
+        CallbackRecord: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
+    ) -> BOOLEAN;
     pub fn KeRegisterBugCheckCallback(
         CallbackRecord: *mut KBUGCHECK_CALLBACK_RECORD,
         CallbackRoutine: PKBUGCHECK_CALLBACK_ROUTINE,

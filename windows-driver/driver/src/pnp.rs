@@ -75,7 +75,10 @@ macro_rules! log {
 /// # Safety
 /// Called by the PnP manager at PASSIVE_LEVEL with valid driver and device objects.
 #[link_section = "PAGE"]
-pub unsafe extern "system" fn add_device(driver: *mut DRIVER_OBJECT, pdo: *mut DEVICE_OBJECT) -> NTSTATUS {
+pub unsafe extern "system" fn add_device(
+    driver: *mut DRIVER_OBJECT,
+    pdo: *mut DEVICE_OBJECT,
+) -> NTSTATUS {
     let mut fdo: *mut DEVICE_OBJECT = ptr::null_mut();
     // SAFETY: valid arguments; IoCreateDevice writes `fdo` on success.
     let status = unsafe {
@@ -141,7 +144,13 @@ unsafe fn complete(irp: *mut IRP, status: NTSTATUS) -> NTSTATUS {
 unsafe fn acquire(ext: *mut DeviceExtension, irp: *mut IRP) -> Result<(), NTSTATUS> {
     // SAFETY: per the contract; the lock was initialised by add_device.
     let status = unsafe {
-        IoAcquireRemoveLockEx(&mut (*ext).remove_lock, irp as PVOID, SOURCE.as_ptr(), line!(), REMLOCK_SIZE)
+        IoAcquireRemoveLockEx(
+            &mut (*ext).remove_lock,
+            irp as PVOID,
+            SOURCE.as_ptr(),
+            line!(),
+            REMLOCK_SIZE,
+        )
     };
     if NT_SUCCESS(status) {
         Ok(())
@@ -178,7 +187,10 @@ unsafe fn pass_down(ext: *mut DeviceExtension, irp: *mut IRP) -> NTSTATUS {
 ///
 /// # Safety
 /// Called by the I/O manager at IRQL <= DISPATCH_LEVEL with one of this driver's FDOs.
-pub unsafe extern "system" fn dispatch_pass_through(fdo: *mut DEVICE_OBJECT, irp: *mut IRP) -> NTSTATUS {
+pub unsafe extern "system" fn dispatch_pass_through(
+    fdo: *mut DEVICE_OBJECT,
+    irp: *mut IRP,
+) -> NTSTATUS {
     // SAFETY: `fdo` is ours; the IRP is ours until passed down.
     unsafe {
         let ext = extension(fdo);
@@ -231,7 +243,10 @@ pub unsafe extern "system" fn dispatch_pnp(fdo: *mut DEVICE_OBJECT, irp: *mut IR
                     STATUS_UNSUCCESSFUL
                 };
                 if NT_SUCCESS(status) {
-                    status = start_device(ext, (*stack).Parameters.StartDevice.AllocatedResourcesTranslated);
+                    status = start_device(
+                        ext,
+                        (*stack).Parameters.StartDevice.AllocatedResourcesTranslated,
+                    );
                 }
                 complete(irp, status);
                 release(ext, irp);
@@ -319,7 +334,11 @@ unsafe fn start_device(ext: *mut DeviceExtension, translated: *const CM_RESOURCE
         Ok(()) => {
             // SAFETY: ext is live.
             unsafe { (*ext).started = true };
-            log!("card started: BAR0 %I64x, BAR2 %I64x; bug-check callbacks registered", resources.bar0.start, resources.bar2.start);
+            log!(
+                "card started: BAR0 %I64x, BAR2 %I64x; bug-check callbacks registered",
+                resources.bar0.start,
+                resources.bar2.start
+            );
             return STATUS_SUCCESS;
         }
         Err(StartError::AlreadyStarted) => {

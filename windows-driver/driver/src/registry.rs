@@ -17,10 +17,15 @@ impl BugCheckRegistry for NtBugCheckRegistry {
     ) -> bool {
         // SAFETY: the caller guarantees a resident record that stays put while registered and a
         // component string that lives as long (the trait's contract is the routine's).
-        unsafe { KeRegisterBugCheckReasonCallback(record, Some(routine), reason, component) != FALSE }
+        unsafe {
+            KeRegisterBugCheckReasonCallback(record, Some(routine), reason, component) != FALSE
+        }
     }
 
-    unsafe fn deregister_reason_callback(&self, record: *mut KBUGCHECK_REASON_CALLBACK_RECORD) -> bool {
+    unsafe fn deregister_reason_callback(
+        &self,
+        record: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
+    ) -> bool {
         // SAFETY: a valid record; the kernel returns FALSE for one that is not registered.
         unsafe { KeDeregisterBugCheckReasonCallback(record) != FALSE }
     }
@@ -35,7 +40,9 @@ impl BugCheckRegistry for NtBugCheckRegistry {
     ) -> bool {
         // SAFETY: as for the reason callback; the buffer is valid for `length` bytes while
         // registered (the trait's contract).
-        unsafe { KeRegisterBugCheckCallback(record, Some(routine), buffer, length, component) != FALSE }
+        unsafe {
+            KeRegisterBugCheckCallback(record, Some(routine), buffer, length, component) != FALSE
+        }
     }
 
     unsafe fn deregister_callback(&self, record: *mut KBUGCHECK_CALLBACK_RECORD) -> bool {

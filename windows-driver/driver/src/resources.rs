@@ -77,7 +77,9 @@ pub fn memory_length(descriptor: &CM_PARTIAL_RESOURCE_DESCRIPTOR) -> Option<u64>
 /// # Safety
 /// `list` must be NULL or point to a valid `CM_RESOURCE_LIST` (as the PnP manager passes in
 /// `Parameters.StartDevice.AllocatedResourcesTranslated`), readable for its full variable length.
-pub unsafe fn card_resources(list: *const CM_RESOURCE_LIST) -> Result<CardResources, ResourceError> {
+pub unsafe fn card_resources(
+    list: *const CM_RESOURCE_LIST,
+) -> Result<CardResources, ResourceError> {
     if list.is_null() {
         return Err(ResourceError::NoList);
     }
@@ -98,7 +100,11 @@ pub unsafe fn card_resources(list: *const CM_RESOURCE_LIST) -> Result<CardResour
                 if next < found.len() {
                     if let Some(length) = memory_length(descriptor) {
                         let memory = descriptor.u.Memory;
-                        found[next] = Some(MemoryRange { start: memory.Start, length, flags: descriptor.Flags });
+                        found[next] = Some(MemoryRange {
+                            start: memory.Start,
+                            length,
+                            flags: descriptor.Flags,
+                        });
                         next += 1;
                     }
                 }

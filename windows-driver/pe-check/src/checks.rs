@@ -62,10 +62,16 @@ pub fn headers(d: &Driver) -> Outcome {
         bad.push("not an executable image".to_owned());
     }
     if i.file_characteristics & pe::IMAGE_FILE_DLL.0 != 0 {
-        bad.push("IMAGE_FILE_DLL is set: the driver is linked as an executable, as the WDK does".to_owned());
+        bad.push(
+            "IMAGE_FILE_DLL is set: the driver is linked as an executable, as the WDK does"
+                .to_owned(),
+        );
     }
     if !i.exports.is_empty() {
-        bad.push(format!("exports {}: crashmon.sys is not an export driver", list(i.exports.iter().map(|e| &e.0))));
+        bad.push(format!(
+            "exports {}: crashmon.sys is not an export driver",
+            list(i.exports.iter().map(|e| &e.0))
+        ));
     }
     // The kernel loads drivers at any address: relocation information must not be stripped.
     // Zero fixups is fine when nothing in the image holds an absolute address (all code and data
@@ -78,7 +84,10 @@ pub fn headers(d: &Driver) -> Outcome {
         bad.push(format!("{} base relocations of a type other than DIR64", i.other_relocations));
     }
     if i.checksum == 0 || i.checksum != i.computed_checksum {
-        bad.push(format!("CheckSum {:#x}, computed {:#x}: the loader checks drivers' checksums", i.checksum, i.computed_checksum));
+        bad.push(format!(
+            "CheckSum {:#x}, computed {:#x}: the loader checks drivers' checksums",
+            i.checksum, i.computed_checksum
+        ));
     }
     if i.tls_size != 0 {
         bad.push("a TLS directory: drivers cannot have thread-local storage".to_owned());
@@ -105,7 +114,10 @@ pub fn entry_point(d: &Driver) -> Outcome {
     let entry = d.image.entry_rva;
     let symbol = d.map.exact("DriverEntry").ok_or("no DriverEntry in the map")?.rva;
     if entry != symbol {
-        return Err(format!("the entry point is {}, not DriverEntry ({symbol:#x})", d.map.describe(entry)));
+        return Err(format!(
+            "the entry point is {}, not DriverEntry ({symbol:#x})",
+            d.map.describe(entry)
+        ));
     }
     let section = d.image.section_of(entry).ok_or("the entry point is in no section")?;
     if !section.is_init() || !section.is_discardable() || !section.is_executable() {
@@ -116,7 +128,9 @@ pub fn entry_point(d: &Driver) -> Outcome {
     }
     let r = reach(&d.image, &d.map, &[entry]);
     let mut installed = Vec::new();
-    for f in ["add_device", "dispatch_pnp", "dispatch_power", "dispatch_pass_through", "driver_unload"] {
+    for f in
+        ["add_device", "dispatch_pnp", "dispatch_power", "dispatch_pass_through", "driver_unload"]
+    {
         let rva = d.function(&["pnp", f])?;
         if !r.address_taken.contains_key(&rva) {
             return Err(format!("DriverEntry does not install pnp::{f} ({rva:#x})"));
@@ -155,7 +169,12 @@ pub fn imports(d: &Driver) -> Outcome {
         return Err(bad.join("\n"));
     }
     let dlls: BTreeSet<&str> = d.image.imports.iter().map(|i| i.dll.as_str()).collect();
-    Ok(format!("{} routines from {}: {}", d.image.imports.len(), list(dlls), list(d.image.imports.iter().map(|i| &i.name))))
+    Ok(format!(
+        "{} routines from {}: {}",
+        d.image.imports.len(),
+        list(dlls),
+        list(d.image.imports.iter().map(|i| &i.name))
+    ))
 }
 
 fn describe_section(s: &Section) -> String {
@@ -169,7 +188,13 @@ fn describe_section(s: &Section) -> String {
     if s.is_discardable() {
         flags.push("discardable");
     }
-    flags.push(if s.is_resident() { "resident" } else if s.is_pageable() { "pageable" } else { "freed after init" });
+    flags.push(if s.is_resident() {
+        "resident"
+    } else if s.is_pageable() {
+        "pageable"
+    } else {
+        "freed after init"
+    });
     format!("{} [{}]", s.name, flags.join(" "))
 }
 
@@ -207,7 +232,12 @@ fn bug_check_violations(d: &Driver, r: &Reach) -> Vec<String> {
         if !s.is_resident() {
             let f = d.map.symbol_at(rva).map_or(rva, |s| s.rva);
             if seen.insert(f) {
-                bad.push(format!("reaches code in {} section {}: {}", if s.is_pageable() { "pageable" } else { "discardable" }, s.name, d.map.describe(rva)));
+                bad.push(format!(
+                    "reaches code in {} section {}: {}",
+                    if s.is_pageable() { "pageable" } else { "discardable" },
+                    s.name,
+                    d.map.describe(rva)
+                ));
             }
         }
     }
@@ -220,7 +250,10 @@ fn bug_check_violations(d: &Driver, r: &Reach) -> Vec<String> {
                 s.name,
                 d.map.describe(*sites.first().unwrap_or(&0))
             )),
-            None => bad.push(format!("addresses {target:#x}, outside the image (from {})", d.map.describe(*sites.first().unwrap_or(&0)))),
+            None => bad.push(format!(
+                "addresses {target:#x}, outside the image (from {})",
+                d.map.describe(*sites.first().unwrap_or(&0))
+            )),
         }
     }
     // The callbacks are panic-free and talk to the card with the HAL register semantics only, so
@@ -231,10 +264,14 @@ fn bug_check_violations(d: &Driver, r: &Reach) -> Vec<String> {
             "callable at HIGH_LEVEL, but the callbacks must reach no kernel routine (a panic path?)"
                 .to_owned()
         } else {
-            irql::rule_for(name)
-                .map_or("unclassified".to_owned(), |rule| format!("{:?}: {}", rule.max_irql, rule.note))
+            irql::rule_for(name).map_or("unclassified".to_owned(), |rule| {
+                format!("{:?}: {}", rule.max_irql, rule.note)
+            })
         };
-        bad.push(format!("calls {name} ({why}) at {}", list(sites.iter().map(|s| d.map.describe(*s)))));
+        bad.push(format!(
+            "calls {name} ({why}) at {}",
+            list(sites.iter().map(|s| d.map.describe(*s)))
+        ));
     }
     bad
 }
@@ -268,16 +305,25 @@ pub fn bug_check_path(d: &Driver) -> Outcome {
     // WRITE_REGISTER_BUFFER_UCHAR: the data window is written by `rep movsb` + FastFence.
     let dump_io = reach(&d.image, &d.map, &[roots[2]]);
     if dump_io.rep_movsb.is_empty() {
-        bad.push("the DumpIo callback never reaches a `rep movsb` (WRITE_REGISTER_BUFFER_UCHAR)".to_owned());
+        bad.push(
+            "the DumpIo callback never reaches a `rep movsb` (WRITE_REGISTER_BUFFER_UCHAR)"
+                .to_owned(),
+        );
     }
     for &m in &dump_io.rep_movsb {
         let next = m + u32::from(dump_io.instructions[&m]);
         if !dump_io.fast_fences.contains(&next) {
-            bad.push(format!("the `rep movsb` at {} is not followed by a FastFence", d.map.describe(m)));
+            bad.push(format!(
+                "the `rep movsb` at {} is not followed by a FastFence",
+                d.map.describe(m)
+            ));
         }
     }
     if dump_io.fast_fences.len() < 2 {
-        bad.push("the DumpIo callback's register writes have no FastFence (WRITE_REGISTER_ULONG)".to_owned());
+        bad.push(
+            "the DumpIo callback's register writes have no FastFence (WRITE_REGISTER_ULONG)"
+                .to_owned(),
+        );
     }
     if !bad.is_empty() {
         return Err(bad.join("\n"));
@@ -375,8 +421,13 @@ pub fn dispatch_level_routines(d: &Driver) -> Outcome {
         }
         for name in r.imports.keys() {
             match irql::rule_for(name) {
-                Some(rule) if matches!(rule.max_irql, MaxIrql::Dispatch | MaxIrql::Dirql | MaxIrql::Any) => {}
-                _ => bad.push(format!("{f} calls {name}, which is not documented for DISPATCH_LEVEL")),
+                Some(rule)
+                    if matches!(
+                        rule.max_irql,
+                        MaxIrql::Dispatch | MaxIrql::Dirql | MaxIrql::Any
+                    ) => {}
+                _ => bad
+                    .push(format!("{f} calls {name}, which is not documented for DISPATCH_LEVEL")),
             }
         }
         out.push(format!("{f} ({}): imports {{{}}}", section_name(d, rva), list(r.imports.keys())));
@@ -398,13 +449,28 @@ pub fn bug_check_listing(d: &Driver) -> Result<String, String> {
         let _ = writeln!(out, "  {:<8} {}", section_name(d, f), d.map.describe(f));
     }
     for (name, sites) in &r.imports {
-        let _ = writeln!(out, "import {name}, called at {}", list(sites.iter().map(|s| d.map.describe(*s))));
+        let _ = writeln!(
+            out,
+            "import {name}, called at {}",
+            list(sites.iter().map(|s| d.map.describe(*s)))
+        );
     }
     for (target, sites) in &r.data {
-        let _ = writeln!(out, "data {} ({}), from {} site(s)", d.map.describe(*target), section_name(d, *target), sites.len());
+        let _ = writeln!(
+            out,
+            "data {} ({}), from {} site(s)",
+            d.map.describe(*target),
+            section_name(d, *target),
+            sites.len()
+        );
     }
     for (target, sites) in &r.address_taken {
-        let _ = writeln!(out, "address taken, not called: {}, at {}", d.map.describe(*target), list(sites.iter().map(|s| d.map.describe(*s))));
+        let _ = writeln!(
+            out,
+            "address taken, not called: {}, at {}",
+            d.map.describe(*target),
+            list(sites.iter().map(|s| d.map.describe(*s)))
+        );
     }
     for f in &r.swept {
         let _ = writeln!(out, "swept whole (jump table): {}", d.map.describe(*f));
@@ -415,7 +481,8 @@ pub fn bug_check_listing(d: &Driver) -> Result<String, String> {
 /// The packaged `crashmon.inf` matches the card (see [`crate::inf::check`]).
 pub fn inf(d: &Driver) -> Outcome {
     let path = d.dir.join("crashmon.inf");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     crate::inf::check(&text)
 }
 

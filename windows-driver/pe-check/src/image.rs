@@ -147,7 +147,8 @@ impl Image {
         let sections = table
             .iter()
             .map(|s| Section {
-                name: String::from_utf8_lossy(s.name.split(|b| *b == 0).next().unwrap_or(&[])).into_owned(),
+                name: String::from_utf8_lossy(s.name.split(|b| *b == 0).next().unwrap_or(&[]))
+                    .into_owned(),
                 rva: s.virtual_address.get(LE),
                 virtual_size: s.virtual_size.get(LE),
                 characteristics: s.characteristics.get(LE).0,
@@ -160,7 +161,10 @@ impl Image {
         if let Some(table) = file.import_table().map_err(err("bad import table"))? {
             let mut descriptors = table.descriptors().map_err(err("bad import descriptors"))?;
             while let Some(d) = descriptors.next().map_err(err("bad import descriptor"))? {
-                let dll = String::from_utf8_lossy(table.name(d.name.get(LE)).map_err(err("bad DLL name"))?).into_owned();
+                let dll = String::from_utf8_lossy(
+                    table.name(d.name.get(LE)).map_err(err("bad DLL name"))?,
+                )
+                .into_owned();
                 let first_thunk = d.first_thunk.get(LE);
                 let lookup = match d.original_first_thunk.get(LE) {
                     0 => first_thunk,
@@ -168,12 +172,23 @@ impl Image {
                 };
                 let mut thunks = table.thunks(lookup).map_err(err("bad import thunks"))?;
                 let mut index = 0u32;
-                while let Some(thunk) = thunks.next::<pe::ImageNtHeaders64>().map_err(err("bad thunk"))? {
-                    let name = match table.import::<pe::ImageNtHeaders64>(thunk).map_err(err("bad import"))? {
-                        object::read::pe::Import::Name(_, name) => String::from_utf8_lossy(name).into_owned(),
+                while let Some(thunk) =
+                    thunks.next::<pe::ImageNtHeaders64>().map_err(err("bad thunk"))?
+                {
+                    let name = match table
+                        .import::<pe::ImageNtHeaders64>(thunk)
+                        .map_err(err("bad import"))?
+                    {
+                        object::read::pe::Import::Name(_, name) => {
+                            String::from_utf8_lossy(name).into_owned()
+                        }
                         object::read::pe::Import::Ordinal(n) => format!("#{n}"),
                     };
-                    imports.push(Import { dll: dll.clone(), name, iat_rva: first_thunk + 8 * index });
+                    imports.push(Import {
+                        dll: dll.clone(),
+                        name,
+                        iat_rva: first_thunk + 8 * index,
+                    });
                     index += 1;
                 }
             }
@@ -183,7 +198,8 @@ impl Image {
         if let Some(table) = file.delay_load_import_table().map_err(err("bad delay-load table"))? {
             let mut descriptors = table.descriptors().map_err(err("bad delay-load descriptors"))?;
             while let Some(d) = descriptors.next().map_err(err("bad delay-load descriptor"))? {
-                let name = table.name(d.dll_name_rva.get(LE)).map_err(err("bad delay-load DLL name"))?;
+                let name =
+                    table.name(d.dll_name_rva.get(LE)).map_err(err("bad delay-load DLL name"))?;
                 delay_load_dlls.push(String::from_utf8_lossy(name).into_owned());
             }
         }
@@ -191,7 +207,9 @@ impl Image {
         let mut exports = Vec::new();
         if let Some(table) = file.export_table().map_err(err("bad export table"))? {
             for e in table.exports().map_err(err("bad exports"))? {
-                if let (Some(name), object::read::pe::ExportTarget::Address(rva)) = (e.name, e.target) {
+                if let (Some(name), object::read::pe::ExportTarget::Address(rva)) =
+                    (e.name, e.target)
+                {
                     exports.push((String::from_utf8_lossy(name).into_owned(), rva));
                 }
             }

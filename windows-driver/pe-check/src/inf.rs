@@ -57,7 +57,10 @@ impl Inf {
 
     /// The value of `key` in `section` (keys compared without case).
     pub fn value(&self, section: &str, key: &str) -> Option<&str> {
-        self.section(section).iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+        self.section(section)
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -78,7 +81,10 @@ pub fn check(text: &str) -> Result<String, String> {
         bad.push(format!("[Version] Class is {:?}, not System", version("Class")));
     }
     if !version("ClassGuid").eq_ignore_ascii_case(SYSTEM_CLASS_GUID) {
-        bad.push(format!("[Version] ClassGuid is {:?}, not System's {SYSTEM_CLASS_GUID}", version("ClassGuid")));
+        bad.push(format!(
+            "[Version] ClassGuid is {:?}, not System's {SYSTEM_CLASS_GUID}",
+            version("ClassGuid")
+        ));
     }
     if version("CatalogFile").is_empty() || version("DriverVer").is_empty() {
         bad.push("[Version] needs CatalogFile and DriverVer".to_owned());
@@ -86,7 +92,11 @@ pub fn check(text: &str) -> Result<String, String> {
 
     // [Manufacturer] names the models section and its x64 decoration.
     let device = format!("PCI\\VEN_{:04X}&DEV_{:04X}", abi::PCI_VENDOR_ID, abi::PCI_DEVICE_ID);
-    let subsys = format!("{device}&SUBSYS_{:04X}{:04X}", abi::PCI_SUBSYSTEM_ID, abi::PCI_SUBSYSTEM_VENDOR_ID);
+    let subsys = format!(
+        "{device}&SUBSYS_{:04X}{:04X}",
+        abi::PCI_SUBSYSTEM_ID,
+        abi::PCI_SUBSYSTEM_VENDOR_ID
+    );
     let mut ids = Vec::new();
     let mut install = None;
     for (_, value) in inf.section("Manufacturer") {
@@ -114,33 +124,48 @@ pub fn check(text: &str) -> Result<String, String> {
     }
     let install = install.unwrap_or_default();
     let copies = inf.value(&format!("{install}.NT"), "CopyFiles").unwrap_or_default().to_owned();
-    if !copies.split(',').any(|c| inf.section(c.trim()).iter().any(|(_, f)| f.eq_ignore_ascii_case("crashmon.sys"))) {
+    if !copies
+        .split(',')
+        .any(|c| inf.section(c.trim()).iter().any(|(_, f)| f.eq_ignore_ascii_case("crashmon.sys")))
+    {
         bad.push(format!("[{install}.NT] does not copy crashmon.sys"));
     }
     if inf.value("SourceDisksFiles", "crashmon.sys").is_none() {
         bad.push("[SourceDisksFiles] lacks crashmon.sys".to_owned());
     }
-    let service = inf.value(&format!("{install}.NT.Services"), "AddService").unwrap_or_default().to_owned();
+    let service =
+        inf.value(&format!("{install}.NT.Services"), "AddService").unwrap_or_default().to_owned();
     let fields: Vec<&str> = service.split(',').map(str::trim).collect();
     match fields.as_slice() {
         [name, flags, section, ..] if name.eq_ignore_ascii_case("crashmon") => {
-            if u32::from_str_radix(flags.trim_start_matches("0x"), 16).map_or(true, |f| f & 2 == 0) {
-                bad.push("AddService lacks SPSVCINST_ASSOCSERVICE (0x2): not the function driver".to_owned());
+            if u32::from_str_radix(flags.trim_start_matches("0x"), 16).map_or(true, |f| f & 2 == 0)
+            {
+                bad.push(
+                    "AddService lacks SPSVCINST_ASSOCSERVICE (0x2): not the function driver"
+                        .to_owned(),
+                );
             }
             let get = |k: &str| inf.value(section, k).unwrap_or_default().to_owned();
             if get("ServiceType") != "1" || get("StartType") != "3" {
-                bad.push(format!("[{section}] is not a demand-start kernel driver (ServiceType 1, StartType 3)"));
+                bad.push(format!(
+                    "[{section}] is not a demand-start kernel driver (ServiceType 1, StartType 3)"
+                ));
             }
             if !get("ServiceBinary").to_ascii_lowercase().ends_with("\\crashmon.sys") {
                 bad.push(format!("[{section}] ServiceBinary is {:?}", get("ServiceBinary")));
             }
         }
-        _ => bad.push(format!("[{install}.NT.Services] does not add the crashmon service: {service:?}")),
+        _ => bad.push(format!(
+            "[{install}.NT.Services] does not add the crashmon service: {service:?}"
+        )),
     }
     if !bad.is_empty() {
         return Err(bad.join("\n"));
     }
-    Ok(format!("class System; x64 models {}; installs crashmon.sys as the crashmon kernel service", ids.join(", ")))
+    Ok(format!(
+        "class System; x64 models {}; installs crashmon.sys as the crashmon kernel service",
+        ids.join(", ")
+    ))
 }
 
 #[cfg(test)]

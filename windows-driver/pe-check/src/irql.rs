@@ -59,8 +59,16 @@ pub const RULES: &[Rule] = &[
     rule("IoReleaseRemoveLockAndWaitEx", MaxIrql::Passive, "waits"),
     rule("MmMapIoSpaceEx", MaxIrql::Dispatch, "allocates system PTEs"),
     rule("MmUnmapIoSpace", MaxIrql::Dispatch, ""),
-    rule("KeRegisterBugCheckReasonCallback", MaxIrql::Any, "takes the bug-check callback list lock"),
-    rule("KeDeregisterBugCheckReasonCallback", MaxIrql::Any, "takes the bug-check callback list lock"),
+    rule(
+        "KeRegisterBugCheckReasonCallback",
+        MaxIrql::Any,
+        "takes the bug-check callback list lock",
+    ),
+    rule(
+        "KeDeregisterBugCheckReasonCallback",
+        MaxIrql::Any,
+        "takes the bug-check callback list lock",
+    ),
     rule("KeRegisterBugCheckCallback", MaxIrql::Any, "takes the bug-check callback list lock"),
     rule("KeDeregisterBugCheckCallback", MaxIrql::Any, "takes the bug-check callback list lock"),
     rule("DbgPrintEx", MaxIrql::Dirql, "below HIGH_LEVEL"),

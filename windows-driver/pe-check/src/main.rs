@@ -10,7 +10,8 @@ fn main() {
     let listing = args.iter().any(|a| a == "--list");
     args.retain(|a| a != "--list");
     let sys = args.first().map(PathBuf::from).unwrap_or_else(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| package::repo_root().join("target"), PathBuf::from);
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| package::repo_root().join("target"), PathBuf::from);
         target.join("windows-driver/package/crashmon.sys")
     });
     let driver = match package::Driver::load(&sys) {

@@ -38,7 +38,8 @@ impl MapFile {
             let line = line.trim();
             if let Some(rest) = line.strip_prefix("Preferred load address is ") {
                 preferred_base = Some(
-                    u64::from_str_radix(rest.trim(), 16).map_err(|e| format!("bad preferred load address {rest:?}: {e}"))?,
+                    u64::from_str_radix(rest.trim(), 16)
+                        .map_err(|e| format!("bad preferred load address {rest:?}: {e}"))?,
                 );
                 continue;
             }
@@ -49,7 +50,9 @@ impl MapFile {
                 continue;
             }
             let Some((section, _offset)) = fields[0].split_once(':') else { continue };
-            let (Ok(section), Ok(va)) = (u16::from_str_radix(section, 16), u64::from_str_radix(fields[2], 16)) else {
+            let (Ok(section), Ok(va)) =
+                (u16::from_str_radix(section, 16), u64::from_str_radix(fields[2], 16))
+            else {
                 continue;
             };
             if fields[2].len() != 16 {
@@ -63,7 +66,8 @@ impl MapFile {
                 .ok_or_else(|| format!("symbol {} at {va:#x} is not in the image", fields[1]))?;
             symbols.push(Symbol { name: fields[1].to_owned(), rva, section });
         }
-        let preferred_base = preferred_base.ok_or("no \"Preferred load address\" line: not a link.exe-style map")?;
+        let preferred_base =
+            preferred_base.ok_or("no \"Preferred load address\" line: not a link.exe-style map")?;
         symbols.sort_by_key(|s| s.rva);
         symbols.dedup();
         Ok(MapFile { preferred_base, symbols })

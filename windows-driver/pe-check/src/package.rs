@@ -21,7 +21,11 @@ pub fn build() -> Result<PathBuf, String> {
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
     if !output.status.success() {
-        return Err(format!("{} failed ({}); its output is above", script.display(), output.status));
+        return Err(format!(
+            "{} failed ({}); its output is above",
+            script.display(),
+            output.status
+        ));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let sys = stdout.lines().last().map(str::trim).unwrap_or_default();
@@ -47,10 +51,12 @@ impl Driver {
     /// Loads `sys` and the `crashmon.map` beside it.
     pub fn load(sys: &Path) -> Result<Self, String> {
         let dir = sys.parent().ok_or("the image has no folder")?.to_owned();
-        let bytes = std::fs::read(sys).map_err(|e| format!("cannot read {}: {e}", sys.display()))?;
+        let bytes =
+            std::fs::read(sys).map_err(|e| format!("cannot read {}: {e}", sys.display()))?;
         let image = Image::parse(bytes)?;
         let map_path = sys.with_extension("map");
-        let text = std::fs::read_to_string(&map_path).map_err(|e| format!("cannot read {}: {e}", map_path.display()))?;
+        let text = std::fs::read_to_string(&map_path)
+            .map_err(|e| format!("cannot read {}: {e}", map_path.display()))?;
         let map = MapFile::parse(&text)?;
         if map.preferred_base != image.image_base {
             return Err(format!(

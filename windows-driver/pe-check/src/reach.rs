@@ -20,7 +20,10 @@
 
 use crate::image::Image;
 use crate::map::MapFile;
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic, OpKind, Register};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic, OpKind,
+    Register,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The result of [`reach`].
@@ -53,7 +56,8 @@ impl Reach {
     pub fn sections(&self, image: &Image) -> BTreeMap<String, u32> {
         let mut out = BTreeMap::new();
         for &rva in self.instructions.keys() {
-            let name = image.section_of(rva).map_or_else(|| "<none>".to_owned(), |s| s.name.clone());
+            let name =
+                image.section_of(rva).map_or_else(|| "<none>".to_owned(), |s| s.name.clone());
             out.entry(name).or_insert(rva);
         }
         out
@@ -87,7 +91,8 @@ fn walk_block(image: &Image, map: &MapFile, start: u32, r: &mut Reach, work: &mu
         return;
     };
     if !section.is_executable() {
-        r.problems.push(format!("control reaches {start:#x} in non-executable section {}", section.name));
+        r.problems
+            .push(format!("control reaches {start:#x} in non-executable section {}", section.name));
         return;
     }
     let Some(bytes) = image.bytes_at(start) else {
@@ -134,7 +139,9 @@ fn walk_block(image: &Image, map: &MapFile, start: u32, r: &mut Reach, work: &mu
                 return;
             }
             FlowControl::Return | FlowControl::Interrupt | FlowControl::Exception => return,
-            FlowControl::XbeginXabortXend => r.problems.push(format!("transactional memory at {}", map.describe(rva))),
+            FlowControl::XbeginXabortXend => {
+                r.problems.push(format!("transactional memory at {}", map.describe(rva)))
+            }
         }
     }
     r.problems.push(format!("code runs off the end of {} after {start:#x}", section.name));
@@ -208,7 +215,12 @@ fn sweep_function(image: &Image, map: &MapFile, rva: u32, r: &mut Reach, work: &
     let end = map.extent_end(symbol.rva, section.rva + section.virtual_size);
     let Some(bytes) = image.bytes_at(symbol.rva) else { return };
     let len = (end - symbol.rva) as usize;
-    let mut decoder = Decoder::with_ip(64, &bytes[..len.min(bytes.len())], image.image_base + u64::from(symbol.rva), DecoderOptions::NONE);
+    let mut decoder = Decoder::with_ip(
+        64,
+        &bytes[..len.min(bytes.len())],
+        image.image_base + u64::from(symbol.rva),
+        DecoderOptions::NONE,
+    );
     let mut instruction = Instruction::default();
     while decoder.can_decode() {
         decoder.decode_out(&mut instruction);

@@ -53,13 +53,22 @@ fn finds_the_bars_among_other_resources() {
         D(PORT, 0, 0xC000, 0x20),
         D(ntddk::CmResourceTypeMemory, 0, 0xFEB0_0000, abi::BAR0_SIZE as u32),
         D(INTERRUPT, 0, 0, 0),
-        D(ntddk::CmResourceTypeMemory, ntddk::CM_RESOURCE_MEMORY_PREFETCHABLE, 0x8_0000_0000, abi::BAR2_SIZE as u32),
+        D(
+            ntddk::CmResourceTypeMemory,
+            ntddk::CM_RESOURCE_MEMORY_PREFETCHABLE,
+            0x8_0000_0000,
+            abi::BAR2_SIZE as u32,
+        ),
     ]]);
     let found = parse(&words).unwrap();
     assert_eq!(found.bar0, MemoryRange { start: 0xFEB0_0000, length: abi::BAR0_SIZE, flags: 0 });
     assert_eq!(
         found.bar2,
-        MemoryRange { start: 0x8_0000_0000, length: abi::BAR2_SIZE, flags: ntddk::CM_RESOURCE_MEMORY_PREFETCHABLE }
+        MemoryRange {
+            start: 0x8_0000_0000,
+            length: abi::BAR2_SIZE,
+            flags: ntddk::CM_RESOURCE_MEMORY_PREFETCHABLE
+        }
     );
 }
 
@@ -70,7 +79,12 @@ fn walks_across_full_descriptors_and_decodes_large_memory() {
         &[
             D(PORT, 0, 0xD000, 0x10),
             // 0x40 << 16 = 4 MiB, as CM_RESOURCE_MEMORY_LARGE_48 stores it.
-            D(ntddk::CmResourceTypeMemoryLarge, ntddk::CM_RESOURCE_MEMORY_LARGE_48, 0x100_0000_0000, 0x40),
+            D(
+                ntddk::CmResourceTypeMemoryLarge,
+                ntddk::CM_RESOURCE_MEMORY_LARGE_48,
+                0x100_0000_0000,
+                0x40,
+            ),
         ],
     ]);
     let found = parse(&words).unwrap();
@@ -85,11 +99,17 @@ fn refuses_lists_that_are_not_the_card() {
         Err(ResourceError::MissingBar)
     );
     assert_eq!(
-        parse(&list(&[&[D(ntddk::CmResourceTypeMemory, 0, 0x1000, 0x800), D(ntddk::CmResourceTypeMemory, 0, 0x2000_0000, 0x40_0000)]])),
+        parse(&list(&[&[
+            D(ntddk::CmResourceTypeMemory, 0, 0x1000, 0x800),
+            D(ntddk::CmResourceTypeMemory, 0, 0x2000_0000, 0x40_0000)
+        ]])),
         Err(ResourceError::TooSmall { bar: 0, length: 0x800 })
     );
     assert_eq!(
-        parse(&list(&[&[D(ntddk::CmResourceTypeMemory, 0, 0x1000, 0x1000), D(ntddk::CmResourceTypeMemory, 0, 0x2000_0000, 0x1000)]])),
+        parse(&list(&[&[
+            D(ntddk::CmResourceTypeMemory, 0, 0x1000, 0x1000),
+            D(ntddk::CmResourceTypeMemory, 0, 0x2000_0000, 0x1000)
+        ]])),
         Err(ResourceError::TooSmall { bar: 2, length: 0x1000 })
     );
     assert_eq!(parse(&list(&[])), Err(ResourceError::MissingBar));
@@ -103,12 +123,23 @@ fn memory_length_decodes_each_large_encoding() {
         Type: kind,
         ShareDisposition: 0,
         Flags: flags,
-        u: ntddk::CM_PARTIAL_RESOURCE_DESCRIPTOR_u { Memory: ntddk::CM_MEMORY { Start: 0, Length: length } },
+        u: ntddk::CM_PARTIAL_RESOURCE_DESCRIPTOR_u {
+            Memory: ntddk::CM_MEMORY { Start: 0, Length: length },
+        },
     };
     use ntddk::*;
     assert_eq!(resources::memory_length(&d(CmResourceTypeMemory, 0, 0x1000)), Some(0x1000));
-    assert_eq!(resources::memory_length(&d(CmResourceTypeMemoryLarge, CM_RESOURCE_MEMORY_LARGE_40, 1)), Some(1 << 8));
-    assert_eq!(resources::memory_length(&d(CmResourceTypeMemoryLarge, CM_RESOURCE_MEMORY_LARGE_48, 1)), Some(1 << 16));
-    assert_eq!(resources::memory_length(&d(CmResourceTypeMemoryLarge, CM_RESOURCE_MEMORY_LARGE_64, 1)), Some(1 << 32));
+    assert_eq!(
+        resources::memory_length(&d(CmResourceTypeMemoryLarge, CM_RESOURCE_MEMORY_LARGE_40, 1)),
+        Some(1 << 8)
+    );
+    assert_eq!(
+        resources::memory_length(&d(CmResourceTypeMemoryLarge, CM_RESOURCE_MEMORY_LARGE_48, 1)),
+        Some(1 << 16)
+    );
+    assert_eq!(
+        resources::memory_length(&d(CmResourceTypeMemoryLarge, CM_RESOURCE_MEMORY_LARGE_64, 1)),
+        Some(1 << 32)
+    );
     assert_eq!(resources::memory_length(&d(1, 0, 0x10)), None);
 }
