@@ -49,7 +49,7 @@
 //! | 0x20 | [`regs::CONTROL`] | WO | [`control`] commands, acted on in bit order |
 //! | 0x24 | [`regs::STATUS`] | RO | [`status`]: session state in bits 0..3, `READY`, `ERROR` |
 //! | 0x28 | [`regs::ERROR`] | RO | [`ErrorCode`] of the first refused command since the error was last cleared |
-//! | 0x2C | [`regs::COMPLETED`] | RO | doorbells the card has finished with (accepted or refused) since reset, wrapping |
+//! | 0x2C | [`regs::COMPLETED`] | RO | doorbells the card has finished with, in order, since reset (wrapping): an accepted chunk is finished once its bytes are in the dump file |
 //! | 0x30 | [`regs::BUGCHECK_CODE`] | RW | bug-check code for `ANNOUNCE` |
 //! | 0x38..0x58 | [`regs::BUGCHECK_PARAM1_LO`] ... `PARAM4_HI` | RW | the four bug-check parameters for `ANNOUNCE` |
 //! | 0x60 | [`regs::CHUNK_OFFSET_LO`] / `_HI` | RW | file offset of the chunk; all ones ([`OFFSET_SEQUENTIAL`], Windows' -1) appends |
@@ -57,7 +57,8 @@
 //! | 0x6C | [`regs::CHUNK_TYPE`] | RW | a [`DumpIoType`] (`KBUGCHECK_DUMP_IO_TYPE`) |
 //! | 0x70 | [`regs::CHUNK_SLOT`] | RW | which slot holds the bytes |
 //! | 0x74 | [`regs::DOORBELL`] | WO | any write submits the chunk described above |
-//! | 0x78 | [`regs::BYTES_WRITTEN_LO`] / `_HI` | RO | payload bytes the host has accepted in this session |
+//! | 0x78 | [`regs::BYTES_WRITTEN_LO`] / `_HI` | RO | payload bytes of this session the host has written into the dump file |
+//! | 0x80 | [`regs::HOST_CLOCK_MS`] | RO | the host's monotonic clock in milliseconds (wrapping): what the driver measures "no progress for a long time" with |
 //!
 //! ## Sessions
 //! A session is one crash: one dump file and one sidecar on the host. Its state is in
@@ -73,12 +74,15 @@
 //!   |                      STREAMING <-----------------+
 //!   |                       |     |
 //!   |   DOORBELL(KbDumpIoComplete)  ABORT (or a reset, or the VM going away)
+//!   |                       v     |
+//!   |                   FINISHING |  (the host makes the file durable: fsync, rename)
 //!   |                       v     v
 //!   +--------ARM-------- COMPLETE  ABORTED ---ARM---> ARMED
 //! ```
 //!
 //! * `ARM` readies the card for a crash: the driver does it when it starts. It is accepted in
-//!   `IDLE`, `ARMED`, `COMPLETE` and `ABORTED` and clears a latched error.
+//!   `IDLE`, `ARMED`, `FINISHING`, `COMPLETE` and `ABORTED` and clears a latched error (a
+//!   finishing session goes on being made durable).
 //! * `ANNOUNCE` tells the host of the crash before the first dump byte, with the code and
 //!   parameters in `BUGCHECK_*`. It opens the session (the host creates the file and sidecar).
 //!   It is optional: the first doorbell opens the session too, and the host then reads the code
@@ -86,18 +90,34 @@
 //! * Each `DOORBELL` hands the host one chunk: `CHUNK_LENGTH` bytes from slot `CHUNK_SLOT`, to be
 //!   placed at `CHUNK_OFFSET` in the dump file (or after the previous chunk when the offset is
 //!   [`OFFSET_SEQUENTIAL`]). Chunks may arrive in any order and may overlap; the last write wins,
-//!   as on a disk. A `KbDumpIoComplete` doorbell (length 0) closes the session as complete: the
-//!   host fsyncs the file and only then gives it its final name.
+//!   as on a disk. A `KbDumpIoComplete` doorbell (length 0) closes the session: the card answers
+//!   at once and shows `FINISHING` while the host writes what is still queued, fsyncs the file
+//!   and gives it its final name; then `COMPLETE`. If the host cannot make the file durable the
+//!   session ends `ABORTED` with [`ErrorCode::HostIo`] latched. A reset or the VM going away
+//!   while `FINISHING` does not stop the host from finishing the dump as complete.
 //! * `ABORT` closes an open session as incomplete and is a no-op otherwise. The driver's legacy
 //!   BugCheckCallback uses it to leave the card in a known final state after the dump.
 //!
 //! ## Flow control
-//! Doorbells are processed in order. After ringing the doorbell for a slot, the guest must not
-//! touch that slot again until `COMPLETED` has advanced past that doorbell. A read of any
-//! register is answered only after every earlier write has been acted on, so with `n` doorbells
-//! rung, `COMPLETED == n` is the signal that every slot is free again. Reusing slots round-robin
-//! and reading `COMPLETED` once per lap of the slots keeps the host draining one slot while the
-//! guest fills the next.
+//! The card never waits for the host's disk: a doorbell hands its slot to the host's writer and
+//! is answered at once, and every register read is answered from memory. The slot belongs to the
+//! host until its bytes are in the dump file; then `COMPLETED` advances past that doorbell and
+//! the guest may fill the slot again. `COMPLETED` counts doorbells finished *in order* (it never
+//! passes a doorbell whose slot the host still owns), so with `n` doorbells rung, slot
+//! `n % SLOT_COUNT` is free once `COMPLETED >= n + 1 - SLOT_COUNT`. A doorbell that names a slot
+//! the host still owns is refused with [`ErrorCode::SlotBusy`] (a driver that follows this rule
+//! never sees it). After a `RESET`, slots still owned by the previous session stay busy until
+//! their bytes are written.
+//!
+//! A slow disk makes the guest wait, never lose the dump: the driver polls `COMPLETED` (and
+//! `STATUS` while `FINISHING`) and gives up only when nothing has moved for
+//! [`NO_PROGRESS_TIMEOUT_MS`] of [`regs::HOST_CLOCK_MS`] time, so that a host that is alive but
+//! stuck still lets the guest reboot. A card whose host side is gone reads all ones
+//! ([`status::GONE`]); the driver gives up at once.
+//!
+//! The host bounds its memory whatever the disk's speed: the slots, one queue entry per slot,
+//! and at most [`MAX_FINISHING_SESSIONS`] sessions still being made durable; a session opened
+//! beyond that is refused with [`ErrorCode::HostBusy`].
 //!
 //! ## Errors
 //! A refused command changes nothing on the host except the refusal count in the sidecar, sets
@@ -119,7 +139,7 @@ pub const PCI_SUBSYSTEM_VENDOR_ID: u16 = PCI_VENDOR_ID;
 /// PCI subsystem ID.
 pub const PCI_SUBSYSTEM_ID: u16 = 0x0001;
 /// PCI revision ID; it moves with the ABI's major version.
-pub const PCI_REVISION: u8 = 1;
+pub const PCI_REVISION: u8 = ABI_VERSION_MAJOR as u8;
 /// PCI base class: base system peripheral (`PCI_CLASS_SYSTEM_PERIPHERAL`).
 pub const PCI_CLASS_CODE: u8 = 0x08;
 /// PCI subclass: other system peripheral (`PCI_SUBCLASS_SYS_OTHER`).
@@ -143,11 +163,25 @@ pub const BAR2_SIZE: u64 = SLOT_COUNT as u64 * SLOT_SIZE as u64;
 /// Value of the `MAGIC` register: the bytes "CMON" in memory order.
 pub const MAGIC_VALUE: u32 = u32::from_le_bytes(*b"CMON");
 /// ABI major version: a driver must refuse a card whose major version differs.
-pub const ABI_VERSION_MAJOR: u16 = 1;
+///
+/// Version 2 made the card asynchronous: `COMPLETED` advances when a chunk's bytes are in the
+/// file rather than when the doorbell is answered, and `FINISHING` sits between the complete
+/// doorbell and `COMPLETE`. A version 1 driver would read `FINISHING` as an unknown state.
+pub const ABI_VERSION_MAJOR: u16 = 2;
 /// ABI minor version: additions that an older driver can ignore.
 pub const ABI_VERSION_MINOR: u16 = 0;
 /// Value of the `VERSION` register.
 pub const ABI_VERSION: u32 = (ABI_VERSION_MAJOR as u32) << 16 | ABI_VERSION_MINOR as u32;
+
+/// How long the driver waits with no progress at all (`COMPLETED`, the session state and
+/// `BYTES_WRITTEN` unchanged), measured on [`regs::HOST_CLOCK_MS`], before it gives up on the
+/// card. Long enough for a big VM's final fsync on a slow disk; short enough that a host stuck
+/// for good still lets the guest reboot.
+pub const NO_PROGRESS_TIMEOUT_MS: u32 = 300_000;
+
+/// Sessions the host keeps being made durable (fsync, rename) at once; see
+/// [`ErrorCode::HostBusy`].
+pub const MAX_FINISHING_SESSIONS: usize = 4;
 
 /// `CHUNK_OFFSET` value meaning "right after the previous chunk": `KBUGCHECK_DUMP_IO.Offset`
 /// of -1, which Windows passes when it writes the dump sequentially.
@@ -207,10 +241,12 @@ pub mod regs {
     pub const CHUNK_SLOT: u32 = 0x70;
     /// WO: submit the chunk.
     pub const DOORBELL: u32 = 0x74;
-    /// RO: payload bytes accepted in this session, low half.
+    /// RO: payload bytes written into this session's file, low half.
     pub const BYTES_WRITTEN_LO: u32 = 0x78;
-    /// RO: payload bytes accepted in this session, high half.
+    /// RO: payload bytes written into this session's file, high half.
     pub const BYTES_WRITTEN_HI: u32 = 0x7C;
+    /// RO: the host's monotonic clock in milliseconds, wrapping.
+    pub const HOST_CLOCK_MS: u32 = 0x80;
 
     /// Offset of `BUGCHECK_PARAMn_LO` for n in 0..4 (parameter 1 is n = 0).
     pub const fn bugcheck_param_lo(n: usize) -> u32 {
@@ -236,7 +272,7 @@ pub mod control {
     pub const RESET: u32 = 1 << 0;
     /// Clear a latched error without touching the session.
     pub const CLEAR_ERROR: u32 = 1 << 1;
-    /// Ready the card for a crash (`IDLE`/`COMPLETE`/`ABORTED` to `ARMED`).
+    /// Ready the card for a crash (`IDLE`/`FINISHING`/`COMPLETE`/`ABORTED` to `ARMED`).
     pub const ARM: u32 = 1 << 2;
     /// Announce the bug check held in `BUGCHECK_*` and open the session.
     pub const ANNOUNCE: u32 = 1 << 3;
@@ -254,6 +290,9 @@ pub mod status {
     pub const READY: u32 = 1 << 8;
     /// An error is latched in `ERROR`.
     pub const ERROR: u32 = 1 << 9;
+    /// What a read returns when nothing answers (the host side is gone, or the BAR is not
+    /// decoded): all ones, which no real `STATUS` value is.
+    pub const GONE: u32 = u32::MAX;
 }
 
 /// Session state, `STATUS & STATE_MASK`.
@@ -268,10 +307,12 @@ pub enum SessionState {
     BugCheckAnnounced = 2,
     /// Chunks are arriving.
     Streaming = 3,
-    /// `KbDumpIoComplete` arrived; the dump is on the host under its final name.
+    /// `KbDumpIoComplete` arrived; the dump is on the host, durable, under its final name.
     Complete = 4,
     /// The session was closed before completion; the host kept every byte as an incomplete dump.
     Aborted = 5,
+    /// `KbDumpIoComplete` arrived; the host is writing what is queued, fsyncing and renaming.
+    Finishing = 6,
 }
 
 impl SessionState {
@@ -284,6 +325,7 @@ impl SessionState {
             3 => Self::Streaming,
             4 => Self::Complete,
             5 => Self::Aborted,
+            6 => Self::Finishing,
             _ => return None,
         })
     }
@@ -318,6 +360,11 @@ pub enum ErrorCode {
     BadAccess = 8,
     /// `CONTROL` was written with an undefined bit.
     BadCommand = 9,
+    /// The doorbell named a slot whose previous chunk the host has not written yet.
+    SlotBusy = 10,
+    /// The host is still making [`crate::MAX_FINISHING_SESSIONS`] earlier sessions durable, or
+    /// refuses new sessions for now (a quota); no session was opened.
+    HostBusy = 11,
 }
 
 impl ErrorCode {
@@ -334,6 +381,8 @@ impl ErrorCode {
             7 => Self::HostIo,
             8 => Self::BadAccess,
             9 => Self::BadCommand,
+            10 => Self::SlotBusy,
+            11 => Self::HostBusy,
             _ => return None,
         })
     }
@@ -351,6 +400,8 @@ impl ErrorCode {
             Self::HostIo => "host-io",
             Self::BadAccess => "bad-access",
             Self::BadCommand => "bad-command",
+            Self::SlotBusy => "slot-busy",
+            Self::HostBusy => "host-busy",
         }
     }
 }
@@ -431,7 +482,8 @@ mod tests {
                 assert_eq!(s as u32, v);
             }
         }
-        assert_eq!(ErrorCode::from_u32(10), None);
+        assert_eq!(ErrorCode::from_u32(12), None);
+        assert_eq!(SessionState::from_status(status::GONE), None);
         assert_eq!(DumpIoType::from_u32(5), None);
     }
 
@@ -466,6 +518,7 @@ mod tests {
             regs::DOORBELL,
             regs::BYTES_WRITTEN_LO,
             regs::BYTES_WRITTEN_HI,
+            regs::HOST_CLOCK_MS,
         ];
         for (i, a) in all.iter().enumerate() {
             assert_eq!(a % 4, 0);

@@ -4,33 +4,105 @@
 //! shared with the guest driver. Everything here is driven by guest writes, so every value is
 //! checked and a bad one becomes an error code in the register file, never a panic, a write
 //! outside the session's file, or a file past the maximum size.
+//!
+//! Nothing here waits for the disk: this code runs in the vfio-user message loop, which must
+//! answer QEMU within its `x-msg-timeout`. An open session is a [`SessionWriter`] (its own
+//! thread owns the file); a doorbell claims its slot and queues the chunk, and the register file
+//! reads the writers' [`Progress`] from memory.
 
-use crate::capture::{BugCheckInfo, BugCheckSource, CaptureConfig, ChunkError, Finished, Session};
-use crate::data_window::DataWindow;
+use crate::capture::writer::{FinishingSession, Outcome, Progress, SessionWriter, WriteJob};
+use crate::capture::{
+    BugCheckInfo, BugCheckSource, CaptureConfig, ChunkError, Closing, Finished, Placement,
+};
+use crate::data_window::{DataWindow, SlotOwner};
 use crashmon_card_abi::{
     self as abi, cap, control, regs, status, DumpIoType, ErrorCode, SessionState,
 };
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// The card's state: one struct, as on the datasheet.
+/// Closed sessions whose results the card keeps (for tests and logs); older ones are dropped so
+/// that a guest opening sessions in a loop cannot grow the host's memory.
+const FINISHED_KEPT: usize = 16;
+
+/// Doorbells refused since the card was armed: they go in the sidecar of the session that follows.
+#[derive(Debug, Default)]
+struct Refusals {
+    count: u64,
+    first: Option<String>,
+}
+
+/// A session that is open: its writer, where its next sequential chunk goes, and what the card
+/// refused since it was armed.
+struct OpenSession {
+    /// Which session of the card this is (1 for the first).
+    ordinal: u64,
+    writer: SessionWriter,
+    placement: Placement,
+    /// Whether a chunk has arrived (`STREAMING`) or only the announcement (`BUGCHECK_ANNOUNCED`).
+    streaming: bool,
+    refusals: Refusals,
+}
+
+/// The session state machine of the datasheet; each state owns what only it needs.
+enum CardState {
+    Idle,
+    Armed(Refusals),
+    /// `BUGCHECK_ANNOUNCED` or `STREAMING`.
+    Open(Box<OpenSession>),
+    /// The complete doorbell came; the writer is making the dump durable.
+    Finishing(Arc<Progress>),
+    Complete,
+    Aborted,
+}
+
+impl CardState {
+    fn abi(&self) -> SessionState {
+        match self {
+            Self::Idle => SessionState::Idle,
+            Self::Armed(_) => SessionState::Armed,
+            Self::Open(s) if s.streaming => SessionState::Streaming,
+            Self::Open(_) => SessionState::BugCheckAnnounced,
+            Self::Finishing(_) => SessionState::Finishing,
+            Self::Complete => SessionState::Complete,
+            Self::Aborted => SessionState::Aborted,
+        }
+    }
+}
+
+/// The chunk descriptor registers.
+#[derive(Clone, Copy, Debug, Default)]
+struct Chunk {
+    offset: u64,
+    length: u32,
+    kind: u32,
+    slot: u32,
+}
+
+/// The card: register file, session state, and the writers of sessions still being finished.
 pub struct CrashMonitorCard {
     capture: CaptureConfig,
-    window: DataWindow,
-    state: SessionState,
+    window: Arc<DataWindow>,
+    state: CardState,
     error: ErrorCode,
-    completed: u32,
+    /// Resets so far: slots claimed before the last reset belong to an older epoch.
+    epoch: u32,
+    /// Doorbells rung since the last reset.
+    rung: u32,
     bugcheck_code: u32,
     bugcheck_params: [u64; 4],
-    chunk_offset: u64,
-    chunk_length: u32,
-    chunk_type: u32,
-    chunk_slot: u32,
-    bytes_written: u64,
-    session: Option<Session>,
-    /// Host-owned copy of the slot being written: preallocated once, so a doorbell never
-    /// allocates, and the guest cannot change bytes between the file write and the hash.
-    bounce: Vec<u8>,
-    finished: Vec<Finished>,
+    chunk: Chunk,
+    /// The latest session (open or finishing): BYTES_WRITTEN and I/O errors come from it.
+    current: Option<Arc<Progress>>,
+    /// Writers whose close is queued, until they end, with the order their sessions opened in.
+    finishing: Vec<(u64, FinishingSession)>,
+    /// Sessions opened since the card was made.
+    opened: u64,
+    /// What the last `FINISHED_KEPT` writers left on disk, by the order their sessions opened in.
+    finished: BTreeMap<u64, Finished>,
+    clock: Instant,
 }
 
 impl CrashMonitorCard {
@@ -38,20 +110,19 @@ impl CrashMonitorCard {
     pub fn new(capture: CaptureConfig, window: DataWindow) -> Self {
         Self {
             capture,
-            window,
-            state: SessionState::Idle,
+            window: Arc::new(window),
+            state: CardState::Idle,
             error: ErrorCode::None,
-            completed: 0,
+            epoch: 0,
+            rung: 0,
             bugcheck_code: 0,
             bugcheck_params: [0; 4],
-            chunk_offset: 0,
-            chunk_length: 0,
-            chunk_type: 0,
-            chunk_slot: 0,
-            bytes_written: 0,
-            session: None,
-            bounce: vec![0; abi::SLOT_SIZE as usize],
-            finished: Vec::new(),
+            chunk: Chunk::default(),
+            current: None,
+            finishing: Vec::new(),
+            opened: 0,
+            finished: BTreeMap::new(),
+            clock: Instant::now(),
         }
     }
 
@@ -60,19 +131,43 @@ impl CrashMonitorCard {
         &self.window
     }
 
-    /// The session state.
-    pub fn state(&self) -> SessionState {
-        self.state
+    /// The session state, as `STATUS` shows it.
+    pub fn state(&mut self) -> SessionState {
+        self.settle();
+        self.state.abi()
     }
 
-    /// Sessions closed so far, oldest first.
-    pub fn finished(&self) -> &[Finished] {
-        &self.finished
+    /// The most recent sessions whose writers have ended, in the order they opened (at most
+    /// `FINISHED_KEPT`). Writers still running are not waited for; see [`Self::wait_writers`].
+    pub fn finished(&mut self) -> Vec<Finished> {
+        self.reap(false);
+        self.finished.values().cloned().collect()
+    }
+
+    /// Waits for every session writer whose close is queued (the open session, if any, is left
+    /// alone), then returns [`Self::finished`]. For shutdown and tests: never called from the
+    /// message loop.
+    pub fn wait_writers(&mut self) -> Vec<Finished> {
+        self.reap(true);
+        self.finished.values().cloned().collect()
+    }
+
+    /// Takes the writers whose close is queued, to be joined without holding the card.
+    pub fn take_writers(&mut self) -> Vec<FinishingSession> {
+        std::mem::take(&mut self.finishing).into_iter().map(|(_, w)| w).collect()
+    }
+
+    /// Records how long one vfio-user message took to answer, for the current session's sidecar.
+    pub fn note_answer_time(&self, elapsed: Duration) {
+        if let Some(p) = &self.current {
+            p.note_answer_time(elapsed.as_micros().min(u64::MAX as u128) as u64);
+        }
     }
 
     /// A BAR0 read of 4 bytes, or 8 bytes at a `_LO` register.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        self.settle();
         match (data.len(), offset) {
             (4, o) if o % 4 == 0 => {
                 let v = self.read_reg(o).unwrap_or_else(|| self.refuse_access(o));
@@ -91,6 +186,7 @@ impl CrashMonitorCard {
 
     /// A BAR0 write of 4 bytes, or 8 bytes at a `_LO` register (acting as `_LO` then `_HI`).
     pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.settle();
         match (data.len(), offset) {
             (4, o) if o % 4 == 0 => {
                 let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -118,9 +214,56 @@ impl CrashMonitorCard {
         self.reset("VM disconnected while the dump was streaming");
     }
 
-    /// The device model is stopping.
+    /// The device model is stopping: the open session is closed as incomplete. Its writer and
+    /// every finishing one go on; join them with [`Self::take_writers`].
     pub fn shutdown(&mut self, why: &str) {
         self.reset(why);
+    }
+
+    /// Folds what the writers reported into the register file: a finishing session that became
+    /// durable shows `COMPLETE` (or `ABORTED` with `HOST_IO` if it could not), and an I/O error
+    /// of the current session latches `HOST_IO`.
+    fn settle(&mut self) {
+        if let CardState::Finishing(progress) = &self.state {
+            match progress.outcome() {
+                Outcome::Running => {}
+                Outcome::Complete => self.state = CardState::Complete,
+                Outcome::Incomplete | Outcome::Failed => {
+                    self.state = CardState::Aborted;
+                    self.latch(ErrorCode::HostIo);
+                }
+            }
+        }
+        if self.current.as_ref().is_some_and(|p| p.io_error()) {
+            self.latch(ErrorCode::HostIo);
+        }
+        self.reap(false);
+    }
+
+    /// Collects writers that have ended (all of them, waiting, when `wait`).
+    fn reap(&mut self, wait: bool) {
+        let mut i = 0;
+        while i < self.finishing.len() {
+            if wait || self.finishing[i].1.is_done() {
+                let (ordinal, writer) = self.finishing.swap_remove(i);
+                if let Some(f) = writer.join() {
+                    self.finished.insert(ordinal, f);
+                    if self.finished.len() > FINISHED_KEPT {
+                        self.finished.pop_first();
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn completed(&self) -> u32 {
+        self.window.oldest_pending(self.epoch, self.rung).unwrap_or(self.rung)
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.current.as_ref().map_or(0, |p| p.bytes_written())
     }
 
     fn read_reg(&self, offset: u64) -> Option<u32> {
@@ -135,22 +278,24 @@ impl CrashMonitorCard {
             regs::MAX_DUMP_SIZE_HI => (self.capture.max_dump_size >> 32) as u32,
             regs::STATUS => {
                 let error = if self.error == ErrorCode::None { 0 } else { status::ERROR };
-                self.state as u32 | status::READY | error
+                self.state.abi() as u32 | status::READY | error
             }
             regs::ERROR => self.error as u32,
-            regs::COMPLETED => self.completed,
+            regs::COMPLETED => self.completed(),
             regs::BUGCHECK_CODE => self.bugcheck_code,
             o @ regs::BUGCHECK_PARAM1_LO..=regs::BUGCHECK_PARAM4_HI => {
                 let i = (o - regs::BUGCHECK_PARAM1_LO) / 4;
                 p(i as usize / 2, i % 2 == 1)
             }
-            regs::CHUNK_OFFSET_LO => self.chunk_offset as u32,
-            regs::CHUNK_OFFSET_HI => (self.chunk_offset >> 32) as u32,
-            regs::CHUNK_LENGTH => self.chunk_length,
-            regs::CHUNK_TYPE => self.chunk_type,
-            regs::CHUNK_SLOT => self.chunk_slot,
-            regs::BYTES_WRITTEN_LO => self.bytes_written as u32,
-            regs::BYTES_WRITTEN_HI => (self.bytes_written >> 32) as u32,
+            regs::CHUNK_OFFSET_LO => self.chunk.offset as u32,
+            regs::CHUNK_OFFSET_HI => (self.chunk.offset >> 32) as u32,
+            regs::CHUNK_LENGTH => self.chunk.length,
+            regs::CHUNK_TYPE => self.chunk.kind,
+            regs::CHUNK_SLOT => self.chunk.slot,
+            regs::BYTES_WRITTEN_LO => self.bytes_written() as u32,
+            regs::BYTES_WRITTEN_HI => (self.bytes_written() >> 32) as u32,
+            // Wraps after 49 days; the driver only ever looks at differences.
+            regs::HOST_CLOCK_MS => self.clock.elapsed().as_millis() as u32,
             _ => return None,
         })
     }
@@ -170,16 +315,17 @@ impl CrashMonitorCard {
                     set_hi(param, v)
                 }
             }
-            regs::CHUNK_OFFSET_LO => set_lo(&mut self.chunk_offset, v),
-            regs::CHUNK_OFFSET_HI => set_hi(&mut self.chunk_offset, v),
-            regs::CHUNK_LENGTH => self.chunk_length = v,
-            regs::CHUNK_TYPE => self.chunk_type = v,
-            regs::CHUNK_SLOT => self.chunk_slot = v,
+            regs::CHUNK_OFFSET_LO => set_lo(&mut self.chunk.offset, v),
+            regs::CHUNK_OFFSET_HI => set_hi(&mut self.chunk.offset, v),
+            regs::CHUNK_LENGTH => self.chunk.length = v,
+            regs::CHUNK_TYPE => self.chunk.kind = v,
+            regs::CHUNK_SLOT => self.chunk.slot = v,
             regs::DOORBELL => {
-                if let Err(code) = self.doorbell() {
+                let seq = self.rung;
+                self.rung = self.rung.wrapping_add(1);
+                if let Err(code) = self.doorbell(seq) {
                     self.refuse(code, "doorbell");
                 }
-                self.completed = self.completed.wrapping_add(1);
             }
             _ => {
                 self.refuse_access(offset);
@@ -199,18 +345,19 @@ impl CrashMonitorCard {
         }
         if v & control::ARM != 0 {
             match self.state {
-                SessionState::Idle
-                | SessionState::Armed
-                | SessionState::Complete
-                | SessionState::Aborted => {
-                    self.state = SessionState::Armed;
+                CardState::Open(_) => self.refuse(ErrorCode::BadState, "arm"),
+                _ => {
+                    if matches!(self.state, CardState::Idle) {
+                        info!("VM {}: the guest's driver armed the card", self.capture.vm_name);
+                    }
+                    // A finishing session goes on: its writer owns it.
+                    self.state = CardState::Armed(Refusals::default());
                     self.error = ErrorCode::None;
                 }
-                _ => self.refuse(ErrorCode::BadState, "arm"),
             }
         }
         if v & control::ANNOUNCE != 0 {
-            if self.state != SessionState::Armed {
+            if !matches!(self.state, CardState::Armed(_)) {
                 self.refuse(ErrorCode::BadState, "announce");
             } else {
                 warn!(
@@ -222,141 +369,185 @@ impl CrashMonitorCard {
                     self.bugcheck_params,
                     BugCheckSource::Announced,
                 );
-                if self.open_session(Some(info)) {
-                    self.state = SessionState::BugCheckAnnounced;
+                if let Err(code) = self.open_session(Some(info)) {
+                    self.refuse(code, "announce");
                 }
             }
         }
         if v & control::ABORT != 0 {
-            self.close_session(Some("aborted by the guest driver"));
+            if self.close_session(Some("aborted by the guest driver")).is_some() {
+                self.state = CardState::Aborted;
+            }
         }
     }
 
-    /// Acts on the chunk described by the CHUNK_* registers.
-    fn doorbell(&mut self) -> Result<(), ErrorCode> {
-        if !matches!(
-            self.state,
-            SessionState::Armed | SessionState::BugCheckAnnounced | SessionState::Streaming
-        ) {
+    /// Acts on the chunk described by the CHUNK_* registers: doorbell number `seq` since reset.
+    fn doorbell(&mut self, seq: u32) -> Result<(), ErrorCode> {
+        if !matches!(self.state, CardState::Armed(_) | CardState::Open(_)) {
             return Err(ErrorCode::BadState);
         }
-        let kind = DumpIoType::from_u32(self.chunk_type)
+        let chunk = self.chunk;
+        let kind = DumpIoType::from_u32(chunk.kind)
             .filter(|t| *t != DumpIoType::Invalid)
             .ok_or(ErrorCode::BadType)?;
         if kind == DumpIoType::Complete {
-            if self.chunk_length != 0 {
+            if chunk.length != 0 {
                 return Err(ErrorCode::BadLength);
             }
-            if self.session.is_none() {
+            let Some(progress) = self.close_session(None) else {
                 return Err(ErrorCode::BadState);
-            }
-            self.close_session(None);
+            };
+            self.state = CardState::Finishing(progress);
             return Ok(());
         }
-        if self.chunk_slot >= abi::SLOT_COUNT {
+        if chunk.slot >= abi::SLOT_COUNT {
             return Err(ErrorCode::BadSlot);
         }
-        let len = self.chunk_length as usize;
+        let len = chunk.length as usize;
         if len == 0 || len > abi::SLOT_SIZE as usize {
             return Err(ErrorCode::BadLength);
         }
-        if self.session.is_none() {
-            warn!("VM {} is streaming a dump (not announced)", self.capture.vm_name);
-            if !self.open_session(None) {
-                return Err(ErrorCode::HostIo);
-            }
+        if self.window.is_owned(chunk.slot) {
+            return Err(ErrorCode::SlotBusy);
         }
-        self.state = SessionState::Streaming;
-        let data = &mut self.bounce[..len];
-        self.window.copy_out(self.chunk_slot, data).ok_or(ErrorCode::BadSlot)?;
-        let offset = (self.chunk_offset != abi::OFFSET_SEQUENTIAL).then_some(self.chunk_offset);
-        let Some(session) = self.session.as_mut() else {
+        let explicit = chunk.offset != abi::OFFSET_SEQUENTIAL;
+        let max = self.capture.max_dump_size;
+        // Placed before a session is opened for it, so a bad first chunk opens no file.
+        let mut placement = match &self.state {
+            CardState::Open(s) => s.placement,
+            _ => Placement::default(),
+        };
+        let start =
+            placement.place(explicit.then_some(chunk.offset), len, max).map_err(|e| match e {
+                ChunkError::Overflow { .. } => ErrorCode::BadOffset,
+                ChunkError::TooLarge { .. } => ErrorCode::TooLarge,
+            })?;
+        if !matches!(self.state, CardState::Open(_)) {
+            warn!("VM {} is streaming a dump (not announced)", self.capture.vm_name);
+            self.open_session(None)?;
+        }
+        let CardState::Open(session) = &mut self.state else {
             return Err(ErrorCode::BadState);
         };
-        match session.write(kind, offset, data) {
-            Ok(()) => {
-                self.bytes_written = session.bytes_received();
+        if !self.window.claim(chunk.slot, SlotOwner { epoch: self.epoch, seq }) {
+            return Err(ErrorCode::SlotBusy);
+        }
+        let job = WriteJob { slot: chunk.slot, len: chunk.length, kind, start, explicit };
+        if !session.writer.write(job) {
+            self.window.release(chunk.slot);
+            return Err(ErrorCode::HostIo);
+        }
+        session.placement = placement;
+        session.streaming = true;
+        Ok(())
+    }
+
+    /// Opens a session: starts its writer (which creates the file), unless too many earlier
+    /// sessions are still being made durable.
+    fn open_session(&mut self, bugcheck: Option<BugCheckInfo>) -> Result<(), ErrorCode> {
+        self.reap(false);
+        if self.finishing.len() >= abi::MAX_FINISHING_SESSIONS {
+            error!(
+                "VM {}: {} earlier dumps are still being written; refusing a new session",
+                self.capture.vm_name,
+                self.finishing.len()
+            );
+            return Err(ErrorCode::HostBusy);
+        }
+        match SessionWriter::spawn(&self.capture, bugcheck, self.window.clone()) {
+            Ok(writer) => {
+                debug!("VM {}: session {} opening", self.capture.vm_name, writer.name().id);
+                self.current = Some(writer.progress().clone());
+                self.opened += 1;
+                let refusals = match &mut self.state {
+                    CardState::Armed(r) => std::mem::take(r),
+                    _ => Refusals::default(),
+                };
+                self.state = CardState::Open(Box::new(OpenSession {
+                    ordinal: self.opened,
+                    writer,
+                    placement: Placement::default(),
+                    streaming: false,
+                    refusals,
+                }));
                 Ok(())
             }
-            Err(ChunkError::Overflow { .. }) => Err(ErrorCode::BadOffset),
-            Err(ChunkError::TooLarge { .. }) => Err(ErrorCode::TooLarge),
-            Err(ChunkError::Io(e)) => {
-                error!("VM {}: writing the dump failed: {e}", self.capture.vm_name);
+            Err(e) => {
+                error!("VM {}: cannot start a session writer: {e}", self.capture.vm_name);
                 Err(ErrorCode::HostIo)
             }
         }
     }
 
-    fn open_session(&mut self, bugcheck: Option<BugCheckInfo>) -> bool {
-        match Session::open(&self.capture, bugcheck) {
-            Ok(s) => {
-                self.session = Some(s);
-                self.bytes_written = 0;
-                true
-            }
-            Err(e) => {
-                error!("VM {}: cannot create a dump file: {e}", self.capture.vm_name);
-                self.refuse(ErrorCode::HostIo, "open session");
-                false
-            }
-        }
-    }
-
-    /// Closes the open session, if any: complete when `incomplete` is `None`.
-    fn close_session(&mut self, incomplete: Option<&str>) {
-        let Some(session) = self.session.take() else {
-            return;
+    /// Queues the close of the open session, if any (complete when `incomplete` is `None`), and
+    /// leaves the card `ARMED` meanwhile; the caller sets the state that follows. Returns what
+    /// the session's writer reports.
+    fn close_session(&mut self, incomplete: Option<&str>) -> Option<Arc<Progress>> {
+        let CardState::Open(_) = self.state else { return None };
+        let CardState::Open(session) =
+            std::mem::replace(&mut self.state, CardState::Armed(Refusals::default()))
+        else {
+            return None;
         };
-        self.state =
-            if incomplete.is_none() { SessionState::Complete } else { SessionState::Aborted };
-        match session.finish(incomplete) {
-            Ok(f) => self.finished.push(f),
-            Err(e) => {
-                error!("VM {}: closing the dump failed: {e}", self.capture.vm_name);
-                self.state = SessionState::Aborted;
-                self.refuse(ErrorCode::HostIo, "close session");
-            }
-        }
+        let session = *session;
+        let finishing = session.writer.close(Closing {
+            incomplete_reason: incomplete.map(str::to_owned),
+            rejected_chunks: session.refusals.count,
+            first_error: session.refusals.first,
+        });
+        let progress = finishing.progress.clone();
+        self.finishing.push((session.ordinal, finishing));
+        Some(progress)
     }
 
     fn reset(&mut self, why: &str) {
         self.close_session(Some(why));
-        self.state = SessionState::Idle;
+        // A finishing session is not touched: its writer finishes it as complete.
+        self.state = CardState::Idle;
         self.error = ErrorCode::None;
-        self.completed = 0;
+        // Slots still owned by the old session's writer stay busy, but no longer hold back
+        // COMPLETED, which restarts at 0.
+        self.epoch = self.epoch.wrapping_add(1);
+        self.rung = 0;
         self.bugcheck_code = 0;
         self.bugcheck_params = [0; 4];
-        self.chunk_offset = 0;
-        self.chunk_length = 0;
-        self.chunk_type = 0;
-        self.chunk_slot = 0;
-        self.bytes_written = 0;
+        self.chunk = Chunk::default();
+        self.current = None;
     }
 
-    fn refuse(&mut self, code: ErrorCode, what: &str) {
-        let detail = format!(
-            "{}: {what} in state {:?} (offset {:#x}, length {}, type {}, slot {})",
-            code.name(),
-            self.state,
-            self.chunk_offset,
-            self.chunk_length,
-            self.chunk_type,
-            self.chunk_slot
-        );
-        debug!("VM {}: refused {detail}", self.capture.vm_name);
-        if let Some(s) = self.session.as_mut() {
-            s.note_refusal(&detail);
-        }
+    fn latch(&mut self, code: ErrorCode) {
         if self.error == ErrorCode::None {
             self.error = code;
         }
     }
 
+    fn refuse(&mut self, code: ErrorCode, what: &str) {
+        let c = self.chunk;
+        let detail = format!(
+            "{}: {what} in state {:?} (offset {:#x}, length {}, type {}, slot {})",
+            code.name(),
+            self.state.abi(),
+            c.offset,
+            c.length,
+            c.kind,
+            c.slot
+        );
+        debug!("VM {}: refused {detail}", self.capture.vm_name);
+        let refusals = match &mut self.state {
+            CardState::Open(s) => Some(&mut s.refusals),
+            CardState::Armed(r) => Some(r),
+            _ => None,
+        };
+        if let Some(r) = refusals {
+            r.count += 1;
+            r.first.get_or_insert(detail);
+        }
+        self.latch(code);
+    }
+
     fn refuse_access(&mut self, offset: u64) -> u32 {
         debug!("VM {}: bad register access at {offset:#x}", self.capture.vm_name);
-        if self.error == ErrorCode::None {
-            self.error = ErrorCode::BadAccess;
-        }
+        self.latch(ErrorCode::BadAccess);
         0
     }
 }
@@ -378,7 +569,7 @@ fn is_wide(offset: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{DumpState, Sidecar};
+    use crate::capture::{DumpState, HashSource, Sidecar};
     use std::path::Path;
 
     struct Rig {
@@ -413,8 +604,19 @@ mod tests {
         fn error(&mut self) -> ErrorCode {
             ErrorCode::from_u32(self.r(regs::ERROR)).unwrap()
         }
-        /// Puts `data` in `slot` and rings the doorbell.
+        /// Waits, as a driver does, until the writer has released `slot`.
+        fn wait_slot(&mut self, slot: u32) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.card.window().is_owned(slot) {
+                assert!(Instant::now() < deadline, "slot {slot} never freed");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        /// Puts `data` in `slot` (once the writer is done with it) and rings the doorbell.
         fn chunk(&mut self, slot: u32, kind: DumpIoType, offset: u64, data: &[u8]) {
+            if slot < abi::SLOT_COUNT {
+                self.wait_slot(slot);
+            }
             self.card.window().write(slot as u64 * abi::SLOT_SIZE as u64, data).unwrap();
             self.card.write(regs::CHUNK_OFFSET_LO as u64, &offset.to_le_bytes());
             self.w(regs::CHUNK_LENGTH, data.len() as u32);
@@ -427,8 +629,12 @@ mod tests {
             self.w(regs::CHUNK_TYPE, DumpIoType::Complete as u32);
             self.w(regs::DOORBELL, 1);
         }
-        fn sidecar(&self, i: usize) -> Sidecar {
-            let f = &self.card.finished()[i];
+        /// Waits for every queued close, as the shutdown path does.
+        fn settle(&mut self) {
+            self.card.wait_writers();
+        }
+        fn sidecar(&mut self, i: usize) -> Sidecar {
+            let f = &self.card.wait_writers()[i];
             serde_json::from_slice(&std::fs::read(&f.sidecar_path).unwrap()).unwrap()
         }
     }
@@ -463,9 +669,17 @@ mod tests {
         rig.chunk(1, DumpIoType::Body, abi::OFFSET_SEQUENTIAL, &[2; 200]);
         rig.chunk(2, DumpIoType::SecondaryData, abi::OFFSET_SEQUENTIAL, &[3; 50]);
         assert_eq!(rig.state(), SessionState::Streaming);
+        for slot in 0..3 {
+            rig.wait_slot(slot);
+        }
         assert_eq!(rig.r(regs::COMPLETED), 3);
         assert_eq!(rig.r(regs::BYTES_WRITTEN_LO), 350);
         rig.complete();
+        assert!(
+            matches!(rig.state(), SessionState::Finishing | SessionState::Complete),
+            "the complete doorbell is answered at once"
+        );
+        rig.settle();
         assert_eq!(rig.state(), SessionState::Complete);
         assert_eq!(rig.error(), ErrorCode::None);
         let sc = rig.sidecar(0);
@@ -553,6 +767,7 @@ mod tests {
         rig.w(regs::DOORBELL, 1);
         assert_eq!(rig.error(), ErrorCode::BadLength, "complete carries no bytes");
         rig.complete();
+        rig.settle();
         assert_eq!(rig.state(), SessionState::Complete);
         let sc = rig.sidecar(0);
         assert_eq!(sc.rejected_chunks, 8);
@@ -606,9 +821,10 @@ mod tests {
         rig.w(regs::CONTROL, control::ARM);
         rig.chunk(2, DumpIoType::Body, abi::OFFSET_SEQUENTIAL, b"third");
         rig.complete();
-        rig.w(regs::CONTROL, control::ABORT); // after completion: no-op
+        rig.w(regs::CONTROL, control::ABORT); // while finishing or after completion: no-op
+        rig.settle();
         assert_eq!(rig.state(), SessionState::Complete);
-        let f = rig.card.finished();
+        let f = rig.card.wait_writers();
         assert_eq!(f.len(), 3);
         assert_eq!(std::fs::read(&f[0].dump_path).unwrap(), b"first");
         assert_eq!(std::fs::read(&f[1].dump_path).unwrap(), b"second");
@@ -637,5 +853,102 @@ mod tests {
             rig.sidecar(0).incomplete_reason.as_deref(),
             Some("VM disconnected while the dump was streaming")
         );
+    }
+
+    #[test]
+    fn a_slot_the_writer_owns_holds_completed_back_and_refuses_reuse() {
+        let mut rig = Rig::new(1 << 20);
+        rig.w(regs::CONTROL, control::ARM);
+        rig.chunk(0, DumpIoType::Body, abi::OFFSET_SEQUENTIAL, b"zero");
+        rig.wait_slot(0);
+        assert_eq!(rig.r(regs::COMPLETED), 1);
+        // Stand in for a writer stuck on a slow disk: slot 1 is owned by doorbell 1.
+        assert!(rig.card.window().claim(1, SlotOwner { epoch: rig.card.epoch, seq: 1 }));
+        rig.card.rung += 1;
+        rig.chunk(2, DumpIoType::Body, abi::OFFSET_SEQUENTIAL, b"two");
+        rig.wait_slot(2);
+        assert_eq!(rig.r(regs::COMPLETED), 1, "doorbell 2 is written, doorbell 1 is not");
+        // Reusing the owned slot is refused, not queued and not blocking.
+        rig.w(regs::CHUNK_SLOT, 1);
+        rig.w(regs::DOORBELL, 1);
+        assert_eq!(rig.error(), ErrorCode::SlotBusy);
+        assert_eq!(rig.r(regs::COMPLETED), 1);
+        rig.card.window().release(1);
+        assert_eq!(rig.r(regs::COMPLETED), 4, "every doorbell finished, in order");
+        rig.w(regs::CONTROL, control::CLEAR_ERROR);
+        rig.complete();
+        let sc = rig.sidecar(0);
+        assert_eq!(sc.bytes_received, 7);
+        assert_eq!(sc.rejected_chunks, 1);
+        assert!(sc.first_error.unwrap().starts_with("slot-busy"));
+    }
+
+    #[test]
+    fn a_reset_while_finishing_keeps_the_dump_complete() {
+        let mut rig = Rig::new(1 << 20);
+        rig.w(regs::CONTROL, control::ARM);
+        rig.chunk(0, DumpIoType::Header, abi::OFFSET_SEQUENTIAL, &[5; 4096]);
+        rig.complete();
+        rig.card.bus_reset();
+        rig.card.disconnect();
+        assert_eq!(rig.state(), SessionState::Idle);
+        let sc = rig.sidecar(0);
+        assert_eq!(sc.state, DumpState::Complete);
+        assert_eq!(sc.incomplete_reason, None);
+        assert_eq!(sc.sha256_source, Some(HashSource::Streamed));
+        assert!(sc.longest_answer_us.is_some());
+        assert_eq!(rig.card.wait_writers().len(), 1, "no second file for the reset");
+    }
+
+    #[test]
+    fn arming_while_finishing_lets_the_dump_finish() {
+        let mut rig = Rig::new(1 << 20);
+        rig.w(regs::CONTROL, control::ARM);
+        rig.chunk(0, DumpIoType::Body, abi::OFFSET_SEQUENTIAL, b"dump");
+        rig.complete();
+        rig.w(regs::CONTROL, control::ARM);
+        assert_eq!(rig.error(), ErrorCode::None);
+        assert_eq!(rig.state(), SessionState::Armed);
+        assert_eq!(rig.sidecar(0).state, DumpState::Complete);
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_created_latches_host_io_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CaptureConfig {
+            output_dir: dir.path().join("missing"),
+            vm_name: "t".into(),
+            max_dump_size: 1 << 20,
+        };
+        let mut card = CrashMonitorCard::new(config, DataWindow::new().unwrap());
+        card.write(regs::CONTROL as u64, &control::ARM.to_le_bytes());
+        card.write(regs::CONTROL as u64, &control::ANNOUNCE.to_le_bytes());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut b = [0; 4];
+            card.read(regs::ERROR as u64, &mut b);
+            if u32::from_le_bytes(b) == ErrorCode::HostIo as u32 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "HOST_IO never latched");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        card.write(regs::CHUNK_LENGTH as u64, &0u32.to_le_bytes());
+        card.write(regs::CHUNK_TYPE as u64, &(DumpIoType::Complete as u32).to_le_bytes());
+        card.write(regs::DOORBELL as u64, &1u32.to_le_bytes());
+        card.wait_writers();
+        assert_eq!(
+            card.state(),
+            SessionState::Aborted,
+            "a dump that could not be made is not complete"
+        );
+    }
+
+    #[test]
+    fn host_clock_advances() {
+        let mut rig = Rig::new(1 << 20);
+        let a = rig.r(regs::HOST_CLOCK_MS);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(rig.r(regs::HOST_CLOCK_MS).wrapping_sub(a) >= 20);
     }
 }

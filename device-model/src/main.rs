@@ -8,7 +8,7 @@ use crashmon_device_model::card::CrashMonitorCard;
 use crashmon_device_model::data_window::DataWindow;
 use crashmon_device_model::size::parse_size;
 use crashmon_device_model::vfio::{self, CardBackend, SharedCard};
-use log::{error, info, warn};
+use log::{error, info};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::fs;
@@ -104,9 +104,6 @@ fn run(cli: Cli) -> Result<()> {
         );
     }
     check_output_dir(&cli.output_dir)?;
-    for path in capture::recover_stale(&cli.output_dir)? {
-        warn!("closed a dump left partial by an earlier run: {}", path.display());
-    }
 
     let config = CaptureConfig {
         output_dir: cli.output_dir.clone(),
@@ -118,6 +115,13 @@ fn run(cli: Cli) -> Result<()> {
     let server = Server::new(&cli.socket, true, vfio::irqs(), vfio::regions(&card))
         .with_context(|| format!("cannot listen on {}", cli.socket.display()))?;
     spawn_signal_handler(card.clone(), cli.socket.clone())?;
+    // Partial dumps left by a device model that was killed are closed in the background: hashing
+    // them reads whole files, and the socket must be there for QEMU at once.
+    let dir = cli.output_dir.clone();
+    std::thread::Builder::new()
+        .name("recover".into())
+        .spawn(move || capture::recover_stale(&dir))
+        .context("cannot start the recovery thread")?;
     info!(
         "crash-monitor card for VM '{}' listening on {}; dumps go to {}",
         cli.vm_name,
@@ -125,7 +129,7 @@ fn run(cli: Cli) -> Result<()> {
         cli.output_dir.display()
     );
 
-    let mut backend = CardBackend::new(card);
+    let mut backend = CardBackend::new(card.clone());
     loop {
         match server.run(&mut backend) {
             Ok(()) => info!("VM disconnected"),
@@ -133,6 +137,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         backend.disconnected();
         if cli.once {
+            // Every byte received is written and made durable before the process exits.
+            let writers = vfio::lock(&card).take_writers();
+            for writer in writers {
+                writer.join();
+            }
             return Ok(());
         }
         info!("waiting for the next VM on {}", cli.socket.display());
@@ -145,8 +154,20 @@ fn spawn_signal_handler(card: SharedCard, socket: PathBuf) -> Result<()> {
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Some(signal) = signals.forever().next() {
             info!("signal {signal}: stopping");
-            vfio::lock(&card).shutdown("device model stopped while the dump was streaming");
+            let writers = {
+                let mut card = vfio::lock(&card);
+                card.shutdown("device model stopped while the dump was streaming");
+                card.take_writers()
+            };
             let _ = fs::remove_file(&socket);
+            // Every byte received is written and made durable before the process exits; the
+            // card is not held meanwhile, so the message loop still answers QEMU.
+            if !writers.is_empty() {
+                info!("making {} dump(s) durable before exiting", writers.len());
+            }
+            for writer in writers {
+                writer.join();
+            }
             std::process::exit(0);
         }
     })?;

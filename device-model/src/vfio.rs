@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io;
 use std::mem::size_of;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, vfio_region_sparse_mmap_area, VFIO_IRQ_INFO_EVENTFD,
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
@@ -114,7 +115,10 @@ impl ServerBackend for CardBackend {
         let ok = match region {
             VFIO_PCI_CONFIG_REGION_INDEX => self.config.read(offset, data),
             VFIO_PCI_BAR0_REGION_INDEX => {
-                lock(&self.card).read(offset, data);
+                let started = Instant::now();
+                let mut card = lock(&self.card);
+                card.read(offset, data);
+                card.note_answer_time(started.elapsed());
                 Some(())
             }
             VFIO_PCI_BAR2_REGION_INDEX => lock(&self.card).window().read(offset, data),
@@ -127,7 +131,10 @@ impl ServerBackend for CardBackend {
         let ok = match region {
             VFIO_PCI_CONFIG_REGION_INDEX => self.config.write(offset, data),
             VFIO_PCI_BAR0_REGION_INDEX => {
-                lock(&self.card).write(offset, data);
+                let started = Instant::now();
+                let mut card = lock(&self.card);
+                card.write(offset, data);
+                card.note_answer_time(started.elapsed());
                 Some(())
             }
             VFIO_PCI_BAR2_REGION_INDEX => lock(&self.card).window().write(offset, data),

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use crashmon_card_abi::{self as abi, regs, DumpIoType, ErrorCode, SessionState};
-use crashmon_device_model::capture::{BugCheckSource, DumpState, WriteOrder};
+use crashmon_device_model::capture::{BugCheckSource, DumpState, HashSource, WriteOrder};
 use crashmon_guest_driver::{Card, CardIo};
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 
@@ -74,7 +74,8 @@ fn streams_a_multi_megabyte_dump(sequential: bool) {
     if sequential {
         card.announce(0x0000_00D1, params).unwrap();
         assert_eq!(card.state(), Some(SessionState::BugCheckAnnounced));
-        let partial = dev.files(".dmp.partial");
+        // The writer creates the file off the message loop: it appears without any byte sent.
+        let partial = dev.wait_files(".dmp.partial", 1);
         assert_eq!(partial.len(), 1, "the host knows of the crash before the first byte");
     }
     let dump = synthetic_dump(6 * 1024 * 1024 + 12345, 0xD1, params);
@@ -95,6 +96,11 @@ fn streams_a_multi_megabyte_dump(sequential: bool) {
 
     let sc = sidecar_of(&dumps[0]);
     assert_eq!(sc.format, "crashmon-sidecar/1");
+    assert_eq!(
+        sc.sha256_source,
+        Some(if sequential { HashSource::Streamed } else { HashSource::ReadBack })
+    );
+    assert!(sc.longest_answer_us.is_some());
     assert_eq!(sc.vm_name, "itest");
     assert_eq!(sc.state, DumpState::Complete);
     assert_eq!(sc.incomplete_reason, None);
@@ -273,4 +279,33 @@ fn a_second_vm_connection_gets_a_second_dump() {
     contents.sort();
     assert_eq!(contents, vec![vec![0u8; 100], vec![1u8; 100]]);
     assert_ne!(sidecar_of(&dumps[0]).session_id, sidecar_of(&dumps[1]).session_id);
+}
+
+#[test]
+fn stale_partials_are_recovered_in_the_background_after_the_socket_listens() {
+    // A partial dump left by a device model that was killed: 1 GiB, sparse, two bytes of data.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dumps");
+    std::fs::create_dir(&out).unwrap();
+    let stale = out.join("itest-20260101T000000Z-0e5e5e5e-0000-4000-8000-000000000000.dmp.partial");
+    let file = std::fs::File::create(&stale).unwrap();
+    file.set_len(1 << 30).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"x", (1 << 30) - 1).unwrap();
+    drop(file);
+
+    let mut dev = Device::start_in(dir, &["--once"]);
+    // The card answers while the recovery may still be hashing.
+    let vfio = VfioCard::connect(&dev.socket);
+    assert_eq!((&vfio).read_register(regs::MAGIC), abi::MAGIC_VALUE);
+    let recovered = dev.wait_files(".incomplete.dmp", 1);
+    assert_eq!(recovered.len(), 1, "{}", dev.log());
+    vfio.client.borrow().shutdown().unwrap();
+    drop(vfio);
+    assert!(dev.wait().success());
+    let log = dev.log();
+    let listening = log.find("listening on").expect("listening line");
+    let closed = log.find("closed a dump left partial").expect("recovery line");
+    assert!(listening < closed, "the socket came first:\n{log}");
+    assert_eq!(log.matches("closed a dump left partial").count(), 1, "logged once");
+    assert!(!stale.exists());
 }

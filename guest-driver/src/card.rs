@@ -5,11 +5,11 @@ use crashmon_card_abi::{
     self as abi, control, regs, status, DumpIoType, ErrorCode, SessionState, OFFSET_SEQUENTIAL,
 };
 
-/// How many times [`Card`] reads `COMPLETED` waiting for a free slot before giving up. The
-/// card answers a register read only after acting on every earlier write, so on a working card
-/// the first read already shows the slot free; the bound only stops a dead card from hanging
-/// the bug check forever.
-pub const SLOT_WAIT_POLLS: u32 = 1_000_000;
+/// How many polls in a row may read the same `HOST_CLOCK_MS` before the driver decides the
+/// host's clock is frozen and gives up. The clock ticks every millisecond and a poll takes
+/// microseconds, so a working host never gets near this; it only stops a card that answers with
+/// constant values from hanging the bug check forever.
+pub const FROZEN_CLOCK_POLLS: u32 = 1_000_000;
 
 /// Access to one card's BAR0 registers and BAR2 data window.
 ///
@@ -43,8 +43,11 @@ pub enum CardError {
     BadGeometry,
     /// The card refused a command; the code is the one it latched.
     Refused(ErrorCode),
-    /// The card did not free a slot within [`SLOT_WAIT_POLLS`] reads.
+    /// Nothing moved on the card (no slot freed, no state change, no byte written) for
+    /// [`abi::NO_PROGRESS_TIMEOUT_MS`] of the host's clock, or the clock itself stopped.
     Timeout,
+    /// The card reads all ones: its host side is gone.
+    Gone,
 }
 
 /// A probed card and the driver's side of its flow control.
@@ -172,37 +175,96 @@ impl<Io: CardIo> Card<Io> {
         self.rung = self.rung.wrapping_add(1);
     }
 
-    /// The slot for the next doorbell, once the card has finished with its previous use.
+    /// The slot for the next doorbell, once the card has finished with its previous use (its
+    /// bytes are in the host's file). A slow host disk makes this wait; see [`Card::wait`].
     fn free_slot(&mut self) -> Result<u32, CardError> {
-        let mut polls = 0;
-        loop {
+        self.wait(|card| {
             // Doorbells in flight; negative when someone else rang the card since our count was
             // taken, in which case the card's count is the truth.
-            let in_flight = self.rung.wrapping_sub(self.completed) as i32;
+            let in_flight = card.rung.wrapping_sub(card.completed) as i32;
             if in_flight < 0 {
-                self.rung = self.completed;
-            } else if (in_flight as u32) < self.slot_count {
-                return Ok(self.rung % self.slot_count);
+                card.rung = card.completed;
             }
-            if polls == SLOT_WAIT_POLLS {
+            if (in_flight.max(0) as u32) < card.slot_count {
+                return Ok(Some(card.rung % card.slot_count));
+            }
+            card.completed = card.io.read_register(regs::COMPLETED);
+            Ok(None)
+        })
+    }
+
+    /// Polls `done` until it yields, bounded by progress rather than by a fixed total: the wait
+    /// goes on as long as something moves on the card (`COMPLETED`, the session state,
+    /// `BYTES_WRITTEN`), and ends with [`CardError::Timeout`] only after
+    /// [`abi::NO_PROGRESS_TIMEOUT_MS`] of the host's clock with nothing moving, so that a slow
+    /// disk slows the dump down but never loses it, while a host stuck for good still lets the
+    /// system reboot. A card that reads all ones is gone: [`CardError::Gone`] at once.
+    ///
+    /// Bug-check path: this busy-polls registers (no timer, no wait object, no kernel routine);
+    /// the only clock is the card's own `HOST_CLOCK_MS`.
+    fn wait<T>(
+        &mut self,
+        mut done: impl FnMut(&mut Self) -> Result<Option<T>, CardError>,
+    ) -> Result<T, CardError> {
+        let mut last: Option<(u32, u32, u32)> = None;
+        let mut since = 0u32;
+        let mut clock_seen = 0u32;
+        let mut same_clock = 0u32;
+        loop {
+            if let Some(value) = done(self)? {
+                return Ok(value);
+            }
+            let status = self.io.read_register(regs::STATUS);
+            if status == status::GONE {
+                return Err(CardError::Gone);
+            }
+            let marker = (self.completed, status, self.io.read_register(regs::BYTES_WRITTEN_LO));
+            let clock = self.io.read_register(regs::HOST_CLOCK_MS);
+            if last != Some(marker) {
+                last = Some(marker);
+                since = clock;
+            } else if clock.wrapping_sub(since) >= abi::NO_PROGRESS_TIMEOUT_MS {
                 return Err(CardError::Timeout);
             }
-            self.completed = self.io.read_register(regs::COMPLETED);
-            polls += 1;
+            if clock == clock_seen {
+                same_clock += 1;
+                if same_clock >= FROZEN_CLOCK_POLLS {
+                    return Err(CardError::Timeout);
+                }
+            } else {
+                clock_seen = clock;
+                same_clock = 0;
+            }
         }
     }
 
     fn check(&self) -> Result<(), CardError> {
-        if self.io.read_register(regs::STATUS) & status::ERROR == 0 {
+        let status = self.io.read_register(regs::STATUS);
+        if status == status::GONE {
+            return Err(CardError::Gone);
+        }
+        if status & status::ERROR == 0 {
             return Ok(());
         }
         let code = ErrorCode::from_u32(self.io.read_register(regs::ERROR));
         Err(CardError::Refused(code.unwrap_or(ErrorCode::BadState)))
     }
 
-    fn check_complete(&self) -> Result<(), CardError> {
+    /// After the complete doorbell: waits (bounded by progress) while the host makes the dump
+    /// durable (`FINISHING`), then reports whether it is `COMPLETE` and nothing was refused.
+    fn check_complete(&mut self) -> Result<(), CardError> {
+        let status = self.wait(|card| {
+            let status = card.io.read_register(regs::STATUS);
+            match SessionState::from_status(status) {
+                Some(SessionState::Finishing) => Ok(None),
+                _ => Ok(Some(status)),
+            }
+        })?;
+        if status == status::GONE {
+            return Err(CardError::Gone);
+        }
         self.check()?;
-        match self.state() {
+        match SessionState::from_status(status) {
             Some(SessionState::Complete) => Ok(()),
             _ => Err(CardError::Refused(ErrorCode::BadState)),
         }
@@ -223,6 +285,13 @@ mod tests {
         log: RefCell<Vec<(u32, u32)>>,
         completed_reads: RefCell<u32>,
         lag: u32,
+        /// What HOST_CLOCK_MS reads advance by, per read.
+        tick_ms: u32,
+        clock: RefCell<u32>,
+        /// COMPLETED advances by one doorbell every this many ms of host clock (0: see `lag`).
+        ms_per_doorbell: u32,
+        /// STATUS reads FINISHING this many times after the complete doorbell.
+        finishing_reads: RefCell<u32>,
     }
 
     impl CardIo for &Recorder {
@@ -233,18 +302,35 @@ mod tests {
                 regs::SLOT_COUNT => 2,
                 regs::SLOT_SIZE => 4,
                 regs::COMPLETED => {
-                    // The card catches up with every doorbell, `lag` reads late.
+                    // The card catches up with every doorbell, `lag` reads late, or one
+                    // doorbell per `ms_per_doorbell` of host clock (a slow disk).
                     *self.completed_reads.borrow_mut() += 1;
                     let rung =
                         self.log.borrow().iter().filter(|(r, _)| *r == regs::DOORBELL).count()
                             as u32;
+                    if self.ms_per_doorbell > 0 {
+                        return rung.min(*self.clock.borrow() / self.ms_per_doorbell);
+                    }
                     if *self.completed_reads.borrow() > self.lag {
                         rung
                     } else {
                         0
                     }
                 }
-                regs::STATUS => SessionState::Complete as u32,
+                regs::HOST_CLOCK_MS => {
+                    let mut clock = self.clock.borrow_mut();
+                    *clock = clock.wrapping_add(self.tick_ms);
+                    *clock
+                }
+                regs::STATUS => {
+                    let mut finishing = self.finishing_reads.borrow_mut();
+                    if *finishing > 0 {
+                        *finishing -= 1;
+                        SessionState::Finishing as u32
+                    } else {
+                        SessionState::Complete as u32
+                    }
+                }
                 _ => 0,
             }
         }
@@ -292,6 +378,58 @@ mod tests {
         let rec = Recorder { lag: u32::MAX, ..Default::default() };
         let mut card = Card::probe(&rec).unwrap();
         assert_eq!(card.dump_io(0, DumpIoType::Body, &[0u8; 12]), Err(CardError::Timeout));
+    }
+
+    #[test]
+    fn a_slow_disk_slows_the_dump_but_never_times_it_out() {
+        // One slot freed every 100 s of host clock: far slower than any real disk, but always
+        // moving, so the wait never gives up.
+        let rec = Recorder { tick_ms: 1000, ms_per_doorbell: 100_000, ..Default::default() };
+        let mut card = Card::probe(&rec).unwrap();
+        card.dump_io(0, DumpIoType::Body, &[0u8; 24]).unwrap();
+        assert!(*rec.clock.borrow() > 3 * 100_000, "it did wait for the slow host");
+    }
+
+    #[test]
+    fn no_progress_for_the_limit_times_out_by_the_host_clock() {
+        let rec = Recorder { lag: u32::MAX, tick_ms: 1000, ..Default::default() };
+        let mut card = Card::probe(&rec).unwrap();
+        assert_eq!(card.dump_io(0, DumpIoType::Body, &[0u8; 12]), Err(CardError::Timeout));
+        let waited = *rec.clock.borrow();
+        assert!(
+            (abi::NO_PROGRESS_TIMEOUT_MS..abi::NO_PROGRESS_TIMEOUT_MS + 10_000).contains(&waited)
+        );
+    }
+
+    #[test]
+    fn complete_waits_while_the_host_is_finishing() {
+        let rec = Recorder { tick_ms: 1, finishing_reads: RefCell::new(50), ..Default::default() };
+        let mut card = Card::probe(&rec).unwrap();
+        card.dump_io(u64::MAX, DumpIoType::Body, &[1u8; 3]).unwrap();
+        assert_eq!(card.dump_io(u64::MAX, DumpIoType::Complete, &[]), Ok(()));
+        assert_eq!(*rec.finishing_reads.borrow(), 0, "it polled through FINISHING");
+    }
+
+    #[test]
+    fn a_card_that_reads_all_ones_is_gone_at_once() {
+        struct Gone;
+        impl CardIo for Gone {
+            fn read_register(&self, offset: u32) -> u32 {
+                match offset {
+                    regs::MAGIC => abi::MAGIC_VALUE,
+                    regs::VERSION => abi::ABI_VERSION,
+                    regs::SLOT_COUNT => 1,
+                    regs::SLOT_SIZE => 4,
+                    regs::COMPLETED => 0,
+                    _ => u32::MAX,
+                }
+            }
+            fn write_register(&self, _: u32, _: u32) {}
+            fn write_window(&self, _: usize, _: &[u8]) {}
+        }
+        let mut card = Card::probe(Gone).unwrap();
+        assert_eq!(card.dump_io(0, DumpIoType::Body, &[0u8; 8]), Err(CardError::Gone));
+        assert_eq!(card.arm(), Err(CardError::Gone));
     }
 
     #[test]

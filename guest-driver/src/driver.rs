@@ -593,7 +593,7 @@ impl<Io: CardIo> DriverState<Io> {
             Ok(()) => session.bytes += buffer.len() as u64,
             Err(e) => {
                 session.first_error.get_or_insert(e);
-                if e == CardError::Timeout {
+                if matches!(e, CardError::Timeout | CardError::Gone) {
                     session.card_dead = true;
                 }
             }
@@ -665,6 +665,7 @@ mod tests {
                 regs::STATUS => g.state | abi::status::READY,
                 regs::COMPLETED => g.completed,
                 regs::ERROR => 0,
+                regs::HOST_CLOCK_MS => 0,
                 o => g.regs[o as usize / 4],
             }
         }

@@ -1,21 +1,26 @@
 //! Turning a stream of chunks into a crash-dump file and its sidecar on the host.
 //!
-//! One [`Session`] is one crash. Its file is written as chunks arrive (`pwrite` at the chunk's
-//! offset, so memory does not grow with the dump), under a `.dmp.partial` name while it streams.
-//! On `KbDumpIoComplete` the file is fsync'd and only then renamed to `.dmp`; a session that ends
-//! any other way is fsync'd and renamed to `.incomplete.dmp`, holding every byte it received. The
-//! sidecar is replaced atomically (write, fsync, rename) when the session opens and when it ends.
-//! While a session is open its file is locked (`flock`), so that [`recover_stale`] can tell a
-//! partial dump left by a dead device model from one that a live one is still writing.
+//! One [`Session`] is one crash. It is owned by its writer thread ([`writer`]), never by the
+//! vfio-user message loop: every file operation here may wait for the disk. Its file is written
+//! as chunks arrive (`pwrite` at the chunk's offset, so memory does not grow with the dump),
+//! under a `.dmp.partial` name while it streams. On `KbDumpIoComplete` the file is fsync'd and
+//! only then renamed to `.dmp`; a session that ends any other way is fsync'd and renamed to
+//! `.incomplete.dmp`, holding every byte it received. The sidecar is replaced atomically (write,
+//! rename) when the session opens and when it ends (then fsync'd too). While a session is open
+//! its file is locked (`flock`), so that [`recover_stale`] can tell a partial dump left by a dead
+//! device model from one that a live one is still writing.
 
 mod coverage;
 mod sidecar;
+pub mod writer;
 
 pub use coverage::Coverage;
 pub use sidecar::{
-    BugCheckInfo, BugCheckSource, BytesByType, DumpState, Sidecar, WriteOrder, SIDECAR_FORMAT,
+    BugCheckInfo, BugCheckSource, BytesByType, DumpState, HashSource, Sidecar, WriteOrder,
+    SIDECAR_FORMAT,
 };
 
+use chrono::{DateTime, Utc};
 use crashmon_card_abi::{dump_header64, DumpIoType};
 use log::{info, warn};
 use sha2::{Digest, Sha256};
@@ -57,8 +62,8 @@ pub fn valid_vm_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// Why a chunk was not written.
-#[derive(Debug, Error)]
+/// Why a chunk was not accepted.
+#[derive(Debug, Error, PartialEq, Eq)]
 pub enum ChunkError {
     /// Offset + length overflows.
     #[error("chunk at {offset:#x} of {len} bytes overflows")]
@@ -76,9 +81,29 @@ pub enum ChunkError {
         /// The limit.
         max: u64,
     },
-    /// The host could not write it.
-    #[error("writing the dump file failed: {0}")]
-    Io(#[from] io::Error),
+}
+
+/// Where a chunk goes in the file: checked against the limits from memory alone, so that the
+/// card can refuse a bad chunk before it reaches the writer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Placement {
+    /// Where a sequential (Offset -1) chunk goes: the end of the previous chunk.
+    cursor: u64,
+}
+
+impl Placement {
+    /// The absolute `[start, end)` of a chunk of `len` bytes at `offset` (`None`: after the
+    /// previous chunk), within `max`; advances the cursor when it fits.
+    pub fn place(&mut self, offset: Option<u64>, len: usize, max: u64) -> Result<u64, ChunkError> {
+        let start = offset.unwrap_or(self.cursor);
+        let end =
+            start.checked_add(len as u64).ok_or(ChunkError::Overflow { offset: start, len })?;
+        if end > max {
+            return Err(ChunkError::TooLarge { end, max });
+        }
+        self.cursor = end;
+        Ok(start)
+    }
 }
 
 /// What a closed session left on disk.
@@ -92,7 +117,41 @@ pub struct Finished {
     pub sidecar: Sidecar,
 }
 
-/// One crash being captured.
+/// Names a session before its file exists: made by the card when the session opens, so that the
+/// message loop can log it without touching the disk.
+#[derive(Clone, Debug)]
+pub struct SessionName {
+    /// Unique per crash.
+    pub id: Uuid,
+    /// When the session opened.
+    pub started: DateTime<Utc>,
+}
+
+impl SessionName {
+    /// A fresh name, now.
+    pub fn new() -> Self {
+        Self { id: Uuid::new_v4(), started: Utc::now() }
+    }
+}
+
+impl Default for SessionName {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How a session ends, as the card tells the writer.
+#[derive(Clone, Debug, Default)]
+pub struct Closing {
+    /// `None` for a complete dump; otherwise why it ended early.
+    pub incomplete_reason: Option<String>,
+    /// Doorbells the card refused during the session.
+    pub rejected_chunks: u64,
+    /// The first of them.
+    pub first_error: Option<String>,
+}
+
+/// One crash being captured. Owned by its writer thread.
 #[derive(Debug)]
 pub struct Session {
     dir: PathBuf,
@@ -101,32 +160,35 @@ pub struct Session {
     max_dump_size: u64,
     sidecar: Sidecar,
     coverage: Coverage,
-    /// Where a sequential (Offset -1) chunk goes: the end of the previous chunk.
-    cursor: u64,
     /// SHA-256 of `[0, hashed_upto)` while every chunk so far appended exactly at the end, so a
     /// sequential dump is never read back; `None` once the order broke.
     running_hash: Option<(Sha256, u64)>,
 }
 
 impl Session {
-    /// Opens a session: creates the partial file and writes the first sidecar.
-    pub fn open(config: &CaptureConfig, bugcheck: Option<BugCheckInfo>) -> io::Result<Session> {
-        let now = chrono::Utc::now();
-        let id = Uuid::new_v4();
-        let base = format!("{}-{}-{}", config.vm_name, now.format("%Y%m%dT%H%M%SZ"), id);
+    /// Opens a session: creates the partial file and writes the first sidecar (not fsync'd:
+    /// until the session closes the sidecar only says that a capture is under way, and
+    /// [`recover_stale`] copes without it).
+    pub fn open(
+        config: &CaptureConfig,
+        name: &SessionName,
+        bugcheck: Option<BugCheckInfo>,
+    ) -> io::Result<Session> {
+        let base =
+            format!("{}-{}-{}", config.vm_name, name.started.format("%Y%m%dT%H%M%SZ"), name.id);
         let partial = config.output_dir.join(format!("{base}{PARTIAL_SUFFIX}"));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&partial)?;
         // Held until the session closes; see `recover_stale`.
         file.try_lock().map_err(io::Error::other)?;
         let sidecar = Sidecar {
             format: SIDECAR_FORMAT.to_owned(),
-            session_id: id,
+            session_id: name.id,
             vm_name: config.vm_name.clone(),
             dump_file: format!("{base}{PARTIAL_SUFFIX}"),
             state: DumpState::Streaming,
             incomplete_reason: None,
             bugcheck,
-            started_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            started_at: name.started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             ended_at: None,
             size: 0,
             bytes_received: 0,
@@ -138,6 +200,10 @@ impl Session {
             rejected_chunks: 0,
             first_error: None,
             sha256: None,
+            sha256_source: None,
+            write_errors: 0,
+            first_write_error: None,
+            longest_answer_us: None,
         };
         let session = Session {
             dir: config.output_dir.clone(),
@@ -146,10 +212,9 @@ impl Session {
             max_dump_size: config.max_dump_size,
             sidecar,
             coverage: Coverage::default(),
-            cursor: 0,
             running_hash: Some((Sha256::new(), 0)),
         };
-        session.write_sidecar()?;
+        session.write_sidecar(false)?;
         info!("session {} opened: {}", session.sidecar.session_id, partial.display());
         Ok(session)
     }
@@ -164,28 +229,33 @@ impl Session {
         self.dir.join(format!("{}{PARTIAL_SUFFIX}", self.base))
     }
 
-    /// Payload bytes accepted so far.
+    /// Payload bytes written so far.
     pub fn bytes_received(&self) -> u64 {
         self.sidecar.bytes_received
     }
 
-    /// Writes one chunk at `offset`, or after the previous chunk when `offset` is `None`.
+    /// Writes one chunk at `start`; `explicit` says whether the guest gave the offset (rather
+    /// than Offset -1). The card has already placed it within the limits; they are checked
+    /// again here all the same, so the file can never grow past them.
     pub fn write(
         &mut self,
         kind: DumpIoType,
-        offset: Option<u64>,
+        start: u64,
+        explicit: bool,
         data: &[u8],
-    ) -> Result<(), ChunkError> {
-        let start = offset.unwrap_or(self.cursor);
-        let end = start
-            .checked_add(data.len() as u64)
-            .ok_or(ChunkError::Overflow { offset: start, len: data.len() })?;
-        if end > self.max_dump_size {
-            return Err(ChunkError::TooLarge { end, max: self.max_dump_size });
+    ) -> io::Result<()> {
+        let end = Placement { cursor: start }
+            .place(None, data.len(), self.max_dump_size)
+            .map(|s| s + data.len() as u64)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if let Err(e) = self.file.write_all_at(data, start) {
+            self.sidecar.write_errors += 1;
+            self.sidecar
+                .first_write_error
+                .get_or_insert_with(|| format!("{} bytes at {start:#x}: {e}", data.len()));
+            return Err(e);
         }
-        self.file.write_all_at(data, start)?;
 
-        self.cursor = end;
         self.coverage.insert(start, end);
         self.sidecar.size = self.sidecar.size.max(end);
         self.sidecar.bytes_received += data.len() as u64;
@@ -198,7 +268,7 @@ impl Session {
             }
             DumpIoType::Invalid | DumpIoType::Complete => {}
         }
-        self.sidecar.write_order = match (self.sidecar.write_order, offset.is_some()) {
+        self.sidecar.write_order = match (self.sidecar.write_order, explicit) {
             (WriteOrder::None | WriteOrder::Sequential, false) => WriteOrder::Sequential,
             (WriteOrder::None | WriteOrder::Explicit, true) => WriteOrder::Explicit,
             _ => WriteOrder::Mixed,
@@ -216,40 +286,57 @@ impl Session {
         Ok(())
     }
 
-    /// Counts a doorbell the card refused during this session.
-    pub fn note_refusal(&mut self, what: &str) {
-        self.sidecar.rejected_chunks += 1;
-        if self.sidecar.first_error.is_none() {
-            self.sidecar.first_error = Some(what.to_owned());
-        }
+    /// Counts a chunk whose bytes the writer could not take (the file could not be created).
+    pub fn note_lost(&mut self, what: &str) {
+        self.sidecar.write_errors += 1;
+        self.sidecar.first_write_error.get_or_insert_with(|| what.to_owned());
     }
 
-    /// Closes the session: complete when `incomplete_reason` is `None`. The file is fsync'd
-    /// before it is renamed, and the folder after.
-    pub fn finish(mut self, incomplete_reason: Option<&str>) -> io::Result<Finished> {
+    /// First half of closing: makes the dump durable under its final name (fsync the file,
+    /// rename it, fsync the folder). Once this returns the dump is safe on disk.
+    pub fn make_durable(&mut self, incomplete_reason: Option<&str>) -> io::Result<PathBuf> {
         self.file.sync_all()?;
         let suffix = if incomplete_reason.is_some() { INCOMPLETE_SUFFIX } else { COMPLETE_SUFFIX };
         let dump_name = format!("{}{suffix}", self.base);
         let dump_path = self.dir.join(&dump_name);
+        fs::rename(self.partial_path(), &dump_path)?;
+        File::open(&self.dir)?.sync_all()?;
+        self.sidecar.dump_file = dump_name;
+        Ok(dump_path)
+    }
 
-        self.sidecar.sha256 = Some(match self.running_hash.take() {
-            Some((hash, upto)) if upto == self.sidecar.size => hex(&hash.finalize()),
-            _ => hash_file(&self.file)?,
-        });
+    /// Second half of closing, after [`Session::make_durable`]: the hash (from the running
+    /// hash of an in-order dump, or read back from the durable file), and the final sidecar,
+    /// fsync'd.
+    pub fn finish(
+        mut self,
+        closing: &Closing,
+        longest_answer_us: Option<u64>,
+    ) -> io::Result<Finished> {
+        let dump_path = self.dir.join(&self.sidecar.dump_file);
+        let (sha, source) = match self.running_hash.take() {
+            Some((hash, upto)) if upto == self.sidecar.size => {
+                (hex(&hash.finalize()), HashSource::Streamed)
+            }
+            _ => (hash_file(&self.file)?, HashSource::ReadBack),
+        };
+        self.sidecar.sha256 = Some(sha);
+        self.sidecar.sha256_source = Some(source);
+        let incomplete = closing.incomplete_reason.as_deref();
         self.sidecar.state =
-            if incomplete_reason.is_some() { DumpState::Incomplete } else { DumpState::Complete };
-        self.sidecar.incomplete_reason = incomplete_reason.map(str::to_owned);
+            if incomplete.is_some() { DumpState::Incomplete } else { DumpState::Complete };
+        self.sidecar.incomplete_reason = closing.incomplete_reason.clone();
+        self.sidecar.rejected_chunks = closing.rejected_chunks;
+        self.sidecar.first_error = closing.first_error.clone();
+        self.sidecar.longest_answer_us = longest_answer_us;
         self.sidecar.ended_at =
-            Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+            Some(Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
         self.sidecar.missing_bytes = self.coverage.covered().map(|c| self.sidecar.size - c);
         self.sidecar.missing_ranges =
             self.coverage.holes(self.sidecar.size, MAX_LISTED_HOLES).unwrap_or_default();
-
-        fs::rename(self.partial_path(), &dump_path)?;
-        self.sidecar.dump_file = dump_name;
-        self.write_sidecar()?;
+        self.write_sidecar(true)?;
         File::open(&self.dir)?.sync_all()?;
-        match incomplete_reason {
+        match incomplete {
             None => info!("dump complete: {} ({} bytes)", dump_path.display(), self.sidecar.size),
             Some(why) => warn!(
                 "dump incomplete ({why}): {} holds the {} bytes received",
@@ -264,8 +351,8 @@ impl Session {
         self.dir.join(format!("{}{SIDECAR_SUFFIX}", self.base))
     }
 
-    fn write_sidecar(&self) -> io::Result<()> {
-        write_json_atomically(&self.sidecar_path(), &self.sidecar)
+    fn write_sidecar(&self, durable: bool) -> io::Result<()> {
+        write_json_atomically(&self.sidecar_path(), &self.sidecar, durable)
     }
 }
 
@@ -285,26 +372,61 @@ fn bugcheck_from_header(data: &[u8]) -> Option<BugCheckInfo> {
     ))
 }
 
-fn write_json_atomically(path: &Path, value: &Sidecar) -> io::Result<()> {
+fn write_json_atomically(path: &Path, value: &Sidecar, durable: bool) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut file = File::create(&tmp)?;
     serde_json::to_writer_pretty(&mut file, value).map_err(io::Error::other)?;
     file.write_all(b"\n")?;
-    file.sync_all()?;
+    if durable {
+        file.sync_all()?;
+    }
     fs::rename(&tmp, path)
 }
 
+/// SHA-256 of a file, read back. Holes are not read from the disk (`SEEK_DATA`/`SEEK_HOLE`):
+/// their zeros are hashed from memory, so a sparse dump costs only its data's reads.
 fn hash_file(file: &File) -> io::Result<String> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let size = file.metadata()?.len();
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0;
-    loop {
-        let n = file.read_at(&mut buf, at)?;
-        if n == 0 {
+    let mut at = 0u64;
+    let fd = file.as_raw_fd();
+    while at < size {
+        // The next data at or after `at`; a filesystem without SEEK_DATA reports all data.
+        let data = match lseek(fd, at as i64, Whence::SeekData) {
+            Ok(d) => (d as u64).min(size),
+            Err(nix::errno::Errno::ENXIO) => size, // only a hole remains
+            Err(_) => at,
+        };
+        while at < data {
+            let n = (data - at).min(ZEROS.len() as u64) as usize;
+            hash.update(&ZEROS[..n]);
+            at += n as u64;
+        }
+        if at >= size {
             break;
         }
-        hash.update(&buf[..n]);
-        at += n as u64;
+        let hole = match lseek(fd, at as i64, Whence::SeekHole) {
+            Ok(h) => (h as u64).clamp(at, size),
+            Err(_) => size,
+        };
+        let hole = if hole == at { size } else { hole };
+        while at < hole {
+            let want = (hole - at).min(buf.len() as u64) as usize;
+            let n = file.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                // The file shrank under us: hash what it says now.
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shrank while hashed",
+                ));
+            }
+            hash.update(&buf[..n]);
+            at += n as u64;
+        }
     }
     Ok(hex(&hash.finalize()))
 }
@@ -314,12 +436,20 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Closes partial dumps that a device model which died mid-capture left in `dir`: each one whose
-/// lock nobody holds is renamed to `.incomplete.dmp` and its sidecar marked incomplete.
-/// Returns what it closed.
-pub fn recover_stale(dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// lock nobody holds is fsync'd, renamed to `.incomplete.dmp` and its sidecar marked incomplete.
+/// Runs in the background at startup (it reads whole files to hash them); each dump it closes,
+/// and each it cannot, is logged once. Returns what it closed.
+pub fn recover_stale(dir: &Path) -> Vec<PathBuf> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            warn!("cannot look for partial dumps left in {}: {e}", dir.display());
+            return Vec::new();
+        }
+    };
     let mut recovered = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
+    for entry in entries.flatten() {
+        let path = entry.path();
         let Some(base) = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -328,31 +458,43 @@ pub fn recover_stale(dir: &Path) -> io::Result<Vec<PathBuf>> {
         else {
             continue;
         };
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
-        if file.try_lock().is_err() {
-            continue; // a live device model is writing it
+        match recover_one(dir, &path, &base) {
+            Ok(Some(done)) => {
+                warn!("closed a dump left partial by an earlier run: {}", done.display());
+                recovered.push(done);
+            }
+            Ok(None) => {} // a live device model is writing it
+            Err(e) => warn!("cannot close the partial dump {}: {e}", path.display()),
         }
-        file.sync_all()?;
-        let dump_name = format!("{base}{INCOMPLETE_SUFFIX}");
-        let sidecar_path = dir.join(format!("{base}{SIDECAR_SUFFIX}"));
-        let size = file.metadata()?.len();
-        let sha = hash_file(&file)?;
-        fs::rename(&path, dir.join(&dump_name))?;
-        if let Some(mut sidecar) =
-            fs::read(&sidecar_path).ok().and_then(|b| serde_json::from_slice::<Sidecar>(&b).ok())
-        {
-            sidecar.dump_file = dump_name.clone();
-            sidecar.state = DumpState::Incomplete;
-            sidecar.incomplete_reason = Some("device model exited during capture".to_owned());
-            sidecar.size = size;
-            sidecar.missing_bytes = None;
-            sidecar.sha256 = Some(sha);
-            write_json_atomically(&sidecar_path, &sidecar)?;
-        }
-        warn!("recovered a partial dump left by an earlier run: {dump_name}");
-        recovered.push(dir.join(dump_name));
     }
-    Ok(recovered)
+    recovered
+}
+
+fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf>> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    if file.try_lock().is_err() {
+        return Ok(None);
+    }
+    file.sync_all()?;
+    let dump_name = format!("{base}{INCOMPLETE_SUFFIX}");
+    let sidecar_path = dir.join(format!("{base}{SIDECAR_SUFFIX}"));
+    let size = file.metadata()?.len();
+    let sha = hash_file(&file)?;
+    fs::rename(path, dir.join(&dump_name))?;
+    File::open(dir)?.sync_all()?;
+    if let Some(mut sidecar) =
+        fs::read(&sidecar_path).ok().and_then(|b| serde_json::from_slice::<Sidecar>(&b).ok())
+    {
+        sidecar.dump_file = dump_name.clone();
+        sidecar.state = DumpState::Incomplete;
+        sidecar.incomplete_reason = Some("device model exited during capture".to_owned());
+        sidecar.size = size;
+        sidecar.missing_bytes = None;
+        sidecar.sha256 = Some(sha);
+        sidecar.sha256_source = Some(HashSource::ReadBack);
+        write_json_atomically(&sidecar_path, &sidecar, true)?;
+    }
+    Ok(Some(dir.join(dump_name)))
 }
 
 #[cfg(test)]
@@ -371,22 +513,53 @@ mod tests {
         serde_json::from_slice(&fs::read(&f.sidecar_path).unwrap()).unwrap()
     }
 
+    /// A session as the card and its writer drive it: chunks placed, then written.
+    struct Rig {
+        session: Session,
+        placement: Placement,
+        max: u64,
+    }
+
+    impl Rig {
+        fn open(dir: &Path, max: u64) -> Rig {
+            let session = Session::open(&config(dir, max), &SessionName::new(), None).unwrap();
+            Rig { session, placement: Placement::default(), max }
+        }
+        fn write(
+            &mut self,
+            kind: DumpIoType,
+            offset: Option<u64>,
+            data: &[u8],
+        ) -> Result<(), ChunkError> {
+            let start = self.placement.place(offset, data.len(), self.max)?;
+            self.session.write(kind, start, offset.is_some(), data).unwrap();
+            Ok(())
+        }
+        fn finish(mut self, incomplete: Option<&str>) -> Finished {
+            self.session.make_durable(incomplete).unwrap();
+            let closing =
+                Closing { incomplete_reason: incomplete.map(str::to_owned), ..Closing::default() };
+            self.session.finish(&closing, None).unwrap()
+        }
+    }
+
     #[test]
     fn sequential_dump_is_reassembled_and_hashed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Session::open(&config(dir.path(), 1 << 30), None).unwrap();
+        let mut s = Rig::open(dir.path(), 1 << 30);
         let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
         s.write(DumpIoType::Header, None, &data[..4096]).unwrap();
         for c in data[4096..].chunks(1000) {
             s.write(DumpIoType::Body, None, c).unwrap();
         }
-        let f = s.finish(None).unwrap();
+        let f = s.finish(None);
         assert_eq!(fs::read(&f.dump_path).unwrap(), data);
         assert!(f.dump_path.to_str().unwrap().ends_with(".dmp"));
         let sc = read_sidecar(&f);
         assert_eq!(sc.state, DumpState::Complete);
         assert_eq!(sc.sha256.as_deref(), Some(sha(&data).as_str()));
         assert_eq!(sc.write_order, WriteOrder::Sequential);
+        assert_eq!(sc.sha256_source, Some(HashSource::Streamed), "never read back");
         assert_eq!(sc.bytes_by_type.header, 4096);
         assert_eq!(sc.bytes_by_type.body, 100_000 - 4096);
         assert_eq!(sc.missing_bytes, Some(0));
@@ -396,11 +569,11 @@ mod tests {
     #[test]
     fn out_of_order_with_overlap_and_gap() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Session::open(&config(dir.path(), 1 << 30), None).unwrap();
+        let mut s = Rig::open(dir.path(), 1 << 30);
         s.write(DumpIoType::Body, Some(8192), &[2u8; 4096]).unwrap();
         s.write(DumpIoType::Header, Some(0), &[1u8; 4096]).unwrap();
         s.write(DumpIoType::Body, Some(8192 + 2048), &[3u8; 4096]).unwrap(); // overlaps, later wins
-        let f = s.finish(None).unwrap();
+        let f = s.finish(None);
         let got = fs::read(&f.dump_path).unwrap();
         let mut want = vec![1u8; 4096];
         want.extend([0u8; 4096]); // the hole reads as zeros
@@ -412,12 +585,13 @@ mod tests {
         assert_eq!(sc.missing_bytes, Some(4096));
         assert_eq!(sc.missing_ranges, vec![[4096, 8192]]);
         assert_eq!(sc.sha256.as_deref(), Some(sha(&want).as_str()), "hash read back from disk");
+        assert_eq!(sc.sha256_source, Some(HashSource::ReadBack));
     }
 
     #[test]
     fn limits_refuse_without_touching_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Session::open(&config(dir.path(), 8192), None).unwrap();
+        let mut s = Rig::open(dir.path(), 8192);
         s.write(DumpIoType::Body, None, &[9u8; 8192]).unwrap();
         assert!(matches!(
             s.write(DumpIoType::Body, None, &[1u8]),
@@ -427,20 +601,18 @@ mod tests {
             s.write(DumpIoType::Body, Some(u64::MAX - 1), &[1u8; 4]),
             Err(ChunkError::Overflow { .. })
         ));
-        s.note_refusal("too-large");
-        let f = s.finish(Some("aborted by guest driver")).unwrap();
+        let f = s.finish(Some("aborted by guest driver"));
         assert!(f.dump_path.to_str().unwrap().ends_with(".incomplete.dmp"));
         assert_eq!(fs::read(&f.dump_path).unwrap(), vec![9u8; 8192]);
         let sc = read_sidecar(&f);
         assert_eq!(sc.state, DumpState::Incomplete);
         assert_eq!(sc.incomplete_reason.as_deref(), Some("aborted by guest driver"));
-        assert_eq!(sc.rejected_chunks, 1);
     }
 
     #[test]
     fn bugcheck_is_read_from_dump_header64() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Session::open(&config(dir.path(), 1 << 20), None).unwrap();
+        let mut s = Rig::open(dir.path(), 1 << 20);
         let mut header = vec![0u8; 4096];
         header[..8].copy_from_slice(b"PAGEDU64");
         header[0x38..0x3c].copy_from_slice(&0xD1u32.to_le_bytes());
@@ -449,7 +621,7 @@ mod tests {
             header[at..at + 8].copy_from_slice(&(0xfffff800_00000000u64 + i as u64).to_le_bytes());
         }
         s.write(DumpIoType::Header, None, &header).unwrap();
-        let sc = s.finish(None).unwrap().sidecar;
+        let sc = s.finish(None).sidecar;
         let bc = sc.bugcheck.unwrap();
         assert_eq!(bc.code, "0x000000d1");
         assert_eq!(bc.parameters[3], "0xfffff80000000003");
@@ -459,26 +631,33 @@ mod tests {
     #[test]
     fn two_sessions_never_collide() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Session::open(&config(dir.path(), 1 << 20), None).unwrap();
-        let b = Session::open(&config(dir.path(), 1 << 20), None).unwrap();
-        assert_ne!(a.partial_path(), b.partial_path());
+        let a = Rig::open(dir.path(), 1 << 20);
+        let b = Rig::open(dir.path(), 1 << 20);
+        assert_ne!(a.session.partial_path(), b.session.partial_path());
     }
 
     #[test]
     fn stale_partials_are_recovered_but_live_ones_are_left() {
         let dir = tempfile::tempdir().unwrap();
-        let mut live = Session::open(&config(dir.path(), 1 << 20), None).unwrap();
+        let mut live = Rig::open(dir.path(), 1 << 20);
         live.write(DumpIoType::Body, None, b"live").unwrap();
         // A dead device model: the file exists but nobody holds its lock.
-        let mut dead = Session::open(&config(dir.path(), 1 << 20), None).unwrap();
+        let mut dead = Rig::open(dir.path(), 1 << 20);
         dead.write(DumpIoType::Body, None, b"dead bytes").unwrap();
-        let dead_partial = dead.partial_path();
+        let dead_partial = dead.session.partial_path();
         std::mem::drop(dead);
-        let recovered = recover_stale(dir.path()).unwrap();
+        let recovered = recover_stale(dir.path());
         assert_eq!(recovered.len(), 1);
         assert!(!dead_partial.exists());
         assert_eq!(fs::read(&recovered[0]).unwrap(), b"dead bytes");
-        assert!(live.partial_path().exists());
+        assert!(live.session.partial_path().exists());
+        let sc: Sidecar = serde_json::from_slice(
+            &fs::read(recovered[0].to_str().unwrap().replace(INCOMPLETE_SUFFIX, SIDECAR_SUFFIX))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(sc.sha256.as_deref(), Some(sha(b"dead bytes").as_str()));
+        assert_eq!(sc.sha256_source, Some(HashSource::ReadBack));
     }
 
     #[test]
@@ -487,5 +666,21 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", "-x", "sp ace", &"x".repeat(65)] {
             assert!(!valid_vm_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn sparse_files_hash_their_holes_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let file = OpenOptions::new().read(true).write(true).create(true).open(&path).unwrap();
+        file.write_all_at(b"head", 0).unwrap();
+        file.write_all_at(b"tail", (64 << 20) + 3).unwrap();
+        file.set_len((64 << 20) + 4096).unwrap();
+        let mut want = vec![0u8; (64 << 20) + 4096];
+        want[..4].copy_from_slice(b"head");
+        want[(64 << 20) + 3..(64 << 20) + 7].copy_from_slice(b"tail");
+        assert_eq!(hash_file(&file).unwrap(), sha(&want));
+        let empty = File::create(dir.path().join("empty")).unwrap();
+        assert_eq!(hash_file(&empty).unwrap(), sha(b""));
     }
 }

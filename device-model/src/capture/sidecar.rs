@@ -42,6 +42,17 @@ pub enum BugCheckSource {
     DumpHeader,
 }
 
+/// How [`Sidecar::sha256`] was computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashSource {
+    /// As the bytes arrived: every chunk appended at the end of the file, none read back.
+    Streamed,
+    /// Read back from the file once it was durable (chunks came out of order, or the file was
+    /// recovered after a device model died).
+    ReadBack,
+}
+
 /// A bug check, with hex strings so that 64-bit pointers survive any JSON reader.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BugCheckInfo {
@@ -117,4 +128,17 @@ pub struct Sidecar {
     pub first_error: Option<String>,
     /// SHA-256 of the file as closed, lowercase hex; `None` while streaming.
     pub sha256: Option<String>,
+    /// How `sha256` was computed.
+    #[serde(default)]
+    pub sha256_source: Option<HashSource>,
+    /// Chunks the host accepted but could not write (for example, its disk was full).
+    #[serde(default)]
+    pub write_errors: u64,
+    /// The first of them.
+    #[serde(default)]
+    pub first_write_error: Option<String>,
+    /// The longest time, in microseconds, the device model took to answer one vfio-user
+    /// message from the session's start until its file was durable.
+    #[serde(default)]
+    pub longest_answer_us: Option<u64>,
 }

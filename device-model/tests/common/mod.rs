@@ -26,7 +26,11 @@ pub struct Device {
 
 impl Device {
     pub fn start(extra: &[&str]) -> Device {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    /// Starts a device model whose output folder is `dir/dumps` (which may already hold files).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Device {
         let socket = dir.path().join("card.sock");
         let out = dir.path().join("dumps");
         let child = Command::new(BIN)
@@ -61,6 +65,18 @@ impl Device {
             }
             assert!(Instant::now() < deadline, "device model did not exit:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (at most 20 s) until `count` files end with `suffix`, and returns them.
+    pub fn wait_files(&self, suffix: &str, count: usize) -> Vec<PathBuf> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let files = self.files(suffix);
+            if files.len() >= count || Instant::now() > deadline {
+                return files;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

@@ -84,6 +84,7 @@ pub fn driver_summary() {
         match s.first_error {
             None => "none",
             Some(crashmon_guest_driver::CardError::Timeout) => "timeout",
+            Some(crashmon_guest_driver::CardError::Gone) => "card-gone",
             Some(crashmon_guest_driver::CardError::Refused(c)) => c.name(),
             Some(_) => "card",
         },
@@ -95,6 +96,7 @@ pub fn driver_summary() {
             Some(SessionState::Streaming) => "streaming",
             Some(SessionState::Complete) => "complete",
             Some(SessionState::Aborted) => "aborted",
+            Some(SessionState::Finishing) => "finishing",
         },
     );
 }

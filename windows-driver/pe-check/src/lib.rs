@@ -22,7 +22,8 @@
 //! They cannot prove what is decided at run time: that the pointers the system passes are the
 //! resident buffers the contract promises, that memory reached through those pointers or through
 //! the driver's own mapped BARs is resident (it is, by the contract and by `MmMapIoSpaceEx`), that
-//! the polling loop terminates early (it is bounded by the core's `SLOT_WAIT_POLLS`), or that the
+//! the polling loop ends (it gives up after `NO_PROGRESS_TIMEOUT_MS` of the card's host clock with
+//! no progress, or `FROZEN_CLOCK_POLLS` reads of a clock that does not move), or that the
 //! driver works on a real Windows: loading it, and a crash streamed through the card from a
 //! Windows VM, is a manual step (see windows-driver/README.md). The IRQL table is transcribed
 //! from Microsoft's documentation, not derived from ntoskrnl.

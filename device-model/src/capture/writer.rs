@@ -1,0 +1,279 @@
+//! The session writer: the thread that owns one session's dump file, so that the vfio-user
+//! message loop never waits for the host's disk.
+//!
+//! QEMU's vfio-user client waits at most `x-msg-timeout` (5 s by default) for any answer, then
+//! drops the card for the life of that QEMU process. A big VM's final fsync alone can take
+//! longer than that on an ordinary disk, so nothing that may wait for the disk runs in the
+//! message loop: the card answers every message from memory and hands the disk work here.
+//!
+//! **One thread per session**, rather than one I/O thread per card: sessions are independent
+//! files, and making one durable (fsync, rename, hash, sidecar: minutes on a slow disk) must not
+//! hold back the bytes of the next crash, which after a guest reboot can come before the
+//! previous dump is durable. The count of writers alive at once is bounded by
+//! [`crashmon_card_abi::MAX_FINISHING_SESSIONS`] (the card refuses a session beyond it with
+//! `HOST_BUSY`), and each writer owns one slot-sized buffer and a queue with room for one entry
+//! per slot plus the close, so memory stays bounded whatever the disk's speed.
+//!
+//! **Flow control through the slots.** A doorbell claims its slot in the data window and queues
+//! a [`WriteJob`]; the writer copies the slot into its own buffer, writes it into the file, and
+//! only then releases the slot, which is what lets `COMPLETED` advance. A slow disk therefore
+//! slows the guest down (it waits for a free slot), never makes the card block or drop bytes.
+//!
+//! The writer reports back through [`Progress`] (atomics only): bytes written, whether an I/O
+//! error happened, and how the session ended; the card reads it when the guest reads a register.
+
+use super::{Closing, Finished, Session, SessionName};
+use crate::capture::{BugCheckInfo, CaptureConfig};
+use crate::data_window::DataWindow;
+use crashmon_card_abi::{DumpIoType, SLOT_COUNT, SLOT_SIZE};
+use log::error;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Queue entries: one per slot (a slot is claimed by at most one queued write) and the close.
+const QUEUE_DEPTH: usize = SLOT_COUNT as usize + 1;
+
+/// One chunk for the writer: its bytes are in `slot`, which it owns until they are written.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteJob {
+    /// The slot holding the bytes.
+    pub slot: u32,
+    /// How many bytes (1..=SLOT_SIZE, checked by the card).
+    pub len: u32,
+    /// What they are.
+    pub kind: DumpIoType,
+    /// Where they go in the file (already placed within the limits by the card).
+    pub start: u64,
+    /// Whether the guest gave the offset (rather than Offset -1).
+    pub explicit: bool,
+}
+
+enum Job {
+    Write(WriteJob),
+    Close(Closing),
+}
+
+/// How a session ended, as far as the disk is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Outcome {
+    /// Still writing, or making the file durable.
+    Running = 0,
+    /// Durable under its `.dmp` name.
+    Complete = 1,
+    /// Durable under its `.incomplete.dmp` name.
+    Incomplete = 2,
+    /// The file could not be created or made durable.
+    Failed = 3,
+}
+
+/// What a writer tells the card, lock-free.
+#[derive(Debug, Default)]
+pub struct Progress {
+    bytes_written: AtomicU64,
+    outcome: AtomicU8,
+    io_error: AtomicBool,
+    longest_answer_us: AtomicU64,
+}
+
+impl Progress {
+    /// Payload bytes written into the file so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Acquire)
+    }
+
+    /// How the session ended, or [`Outcome::Running`].
+    pub fn outcome(&self) -> Outcome {
+        match self.outcome.load(Ordering::Acquire) {
+            1 => Outcome::Complete,
+            2 => Outcome::Incomplete,
+            3 => Outcome::Failed,
+            _ => Outcome::Running,
+        }
+    }
+
+    /// Whether any write (or the file's creation) failed.
+    pub fn io_error(&self) -> bool {
+        self.io_error.load(Ordering::Acquire)
+    }
+
+    /// Records how long the message loop took to answer one message while this session was
+    /// open or finishing; the longest goes in the sidecar.
+    pub fn note_answer_time(&self, us: u64) {
+        self.longest_answer_us.fetch_max(us, Ordering::AcqRel);
+    }
+
+    fn set_outcome(&self, outcome: Outcome) {
+        self.outcome.store(outcome as u8, Ordering::Release);
+    }
+}
+
+/// The card's handle on an open session's writer.
+pub struct SessionWriter {
+    name: SessionName,
+    jobs: SyncSender<Job>,
+    progress: Arc<Progress>,
+    thread: JoinHandle<Option<Finished>>,
+}
+
+/// A session whose close was queued: its writer is finishing, or has finished.
+pub struct FinishingSession {
+    /// What the writer reports.
+    pub progress: Arc<Progress>,
+    thread: JoinHandle<Option<Finished>>,
+}
+
+impl SessionWriter {
+    /// Starts the writer of a new session. Only the thread is made here; the file is created by
+    /// the writer, so this never waits for the disk.
+    pub fn spawn(
+        config: &CaptureConfig,
+        bugcheck: Option<BugCheckInfo>,
+        window: Arc<DataWindow>,
+    ) -> io::Result<Self> {
+        let name = SessionName::new();
+        let (jobs, queue) = mpsc::sync_channel(QUEUE_DEPTH);
+        let progress = Arc::new(Progress::default());
+        let thread = std::thread::Builder::new()
+            .name(format!("writer-{}", &name.id.simple().to_string()[..8]))
+            .spawn({
+                let config = config.clone();
+                let name = name.clone();
+                let progress = progress.clone();
+                move || run(&config, &name, bugcheck, &window, &progress, queue)
+            })?;
+        Ok(Self { name, jobs, progress, thread })
+    }
+
+    /// The session's name.
+    pub fn name(&self) -> &SessionName {
+        &self.name
+    }
+
+    /// What the writer reports.
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.progress
+    }
+
+    /// Queues a chunk whose slot the card has claimed for it. Never blocks; `false` if the
+    /// writer cannot take it (its thread is gone), in which case the caller releases the slot.
+    pub fn write(&self, job: WriteJob) -> bool {
+        match self.jobs.try_send(Job::Write(job)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                // Cannot happen while the card claims a slot per queued write; refusing is the
+                // safe answer if it ever did.
+                error!("session {}: writer queue full", self.name.id);
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Queues the close after every queued chunk. Never blocks.
+    pub fn close(self, closing: Closing) -> FinishingSession {
+        if self.jobs.try_send(Job::Close(closing)).is_err() {
+            // The queue has room for the close (see QUEUE_DEPTH); a writer that is gone has
+            // already ended the session as failed, and dropping the sender below ends it too.
+            error!("session {}: could not queue its close", self.name.id);
+        }
+        FinishingSession { progress: self.progress, thread: self.thread }
+    }
+}
+
+impl FinishingSession {
+    /// Whether the writer thread has ended (its dump is durable, or failed).
+    pub fn is_done(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the writer to end and returns what it left on disk.
+    pub fn join(self) -> Option<Finished> {
+        self.thread.join().unwrap_or_else(|_| {
+            error!("a session writer panicked; its partial dump is recovered at the next start");
+            None
+        })
+    }
+}
+
+/// The writer thread.
+fn run(
+    config: &CaptureConfig,
+    name: &SessionName,
+    bugcheck: Option<BugCheckInfo>,
+    window: &DataWindow,
+    progress: &Progress,
+    queue: Receiver<Job>,
+) -> Option<Finished> {
+    let mut session = match Session::open(config, name, bugcheck) {
+        Ok(session) => Some(session),
+        Err(e) => {
+            error!("VM {}: cannot create a dump file: {e}", config.vm_name);
+            progress.io_error.store(true, Ordering::Release);
+            None
+        }
+    };
+    // The writer's own copy of a slot: the guest cannot change bytes between the file write and
+    // the hash, and the slot is free again as soon as the bytes are in the file.
+    let mut buffer = vec![0u8; SLOT_SIZE as usize];
+    let closing = loop {
+        match queue.recv() {
+            Ok(Job::Write(job)) => {
+                let data = &mut buffer[..(job.len as usize).min(SLOT_SIZE as usize)];
+                let copied = window.copy_out(job.slot, data).is_some();
+                match session.as_mut() {
+                    Some(s) if copied => match s.write(job.kind, job.start, job.explicit, data) {
+                        Ok(()) => {
+                            progress.bytes_written.store(s.bytes_received(), Ordering::Release)
+                        }
+                        Err(e) => {
+                            error!("VM {}: writing the dump failed: {e}", config.vm_name);
+                            progress.io_error.store(true, Ordering::Release);
+                        }
+                    },
+                    Some(s) => s.note_lost("a chunk named a slot outside the window"),
+                    None => {}
+                }
+                window.release(job.slot);
+            }
+            Ok(Job::Close(closing)) => break closing,
+            // The card went away without closing (it is only dropped at exit): keep the bytes.
+            Err(_) => {
+                break Closing {
+                    incomplete_reason: Some(
+                        "device model stopped while the dump was streaming".into(),
+                    ),
+                    ..Closing::default()
+                }
+            }
+        }
+    };
+    let Some(mut session) = session else {
+        progress.set_outcome(Outcome::Failed);
+        return None;
+    };
+    let incomplete = closing.incomplete_reason.as_deref();
+    if let Err(e) = session.make_durable(incomplete) {
+        error!("VM {}: making the dump durable failed: {e}", config.vm_name);
+        progress.set_outcome(Outcome::Failed);
+        return None;
+    }
+    // The dump is durable under its final name: the card may now say COMPLETE, while the hash
+    // and the final sidecar are still being written.
+    progress.set_outcome(if incomplete.is_some() {
+        Outcome::Incomplete
+    } else {
+        Outcome::Complete
+    });
+    let longest = progress.longest_answer_us.load(Ordering::Acquire);
+    match session.finish(&closing, Some(longest)) {
+        Ok(finished) => Some(finished),
+        Err(e) => {
+            error!("VM {}: writing the final sidecar failed: {e}", config.vm_name);
+            None
+        }
+    }
+}
