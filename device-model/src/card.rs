@@ -580,11 +580,7 @@ mod tests {
     impl Rig {
         fn new(max: u64) -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let config = CaptureConfig {
-                output_dir: dir.path().to_owned(),
-                vm_name: "t".into(),
-                max_dump_size: max,
-            };
+            let config = CaptureConfig::new(dir.path().to_owned(), "t", max);
             Self { card: CrashMonitorCard::new(config, DataWindow::new().unwrap()), _dir: dir }
         }
         fn dir(&self) -> &Path {
@@ -915,11 +911,7 @@ mod tests {
     #[test]
     fn a_file_that_cannot_be_created_latches_host_io_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
-        let config = CaptureConfig {
-            output_dir: dir.path().join("missing"),
-            vm_name: "t".into(),
-            max_dump_size: 1 << 20,
-        };
+        let config = CaptureConfig::new(dir.path().join("missing"), "t", 1 << 20);
         let mut card = CrashMonitorCard::new(config, DataWindow::new().unwrap());
         card.write(regs::CONTROL as u64, &control::ARM.to_le_bytes());
         card.write(regs::CONTROL as u64, &control::ANNOUNCE.to_le_bytes());

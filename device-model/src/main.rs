@@ -1,7 +1,7 @@
 //! `crashmon-device`: serves one crash-monitor card to QEMU over vfio-user and writes every
 //! crash the guest streams through it to `--output-dir`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use crashmon_device_model::capture::{self, CaptureConfig};
 use crashmon_device_model::card::CrashMonitorCard;
@@ -21,7 +21,7 @@ use vfio_user::Server;
 /// Attach it with: -device '{"driver":"vfio-user-pci","socket":{"path":"SOCKET","type":"unix"}}'
 /// (guest RAM must be a shared memory backend, e.g. memory-backend-memfd with share=on).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "crashmon-device", version, about)]
 struct Cli {
     /// Unix socket to listen on; must not exist yet.
     #[arg(long, value_name = "PATH")]
@@ -38,6 +38,36 @@ struct Cli {
     /// Exit after the first VM disconnects instead of waiting for the next one.
     #[arg(long)]
     once: bool,
+    /// Permission bits of dumps and sidecars, in octal: 0600 (the default: a dump holds the
+    /// guest's RAM, keys and passwords) or up to 0660 to let a group of operators read them.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_file_mode)]
+    file_mode: u32,
+    /// Group of dumps and sidecars (a name or a number), e.g. the operators' group.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    file_group: Option<u32>,
+}
+
+fn parse_file_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("'{text}' is not an octal mode such as 0600"))?;
+    if mode & !0o660 != 0 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "'{text}' must give the owner read and write, and nothing beyond 0660 \
+             (dumps are never executable or world-readable)"
+        ));
+    }
+    Ok(mode)
+}
+
+fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(text) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("no group named '{text}'")),
+        Err(e) => Err(format!("cannot look up group '{text}': {}", e.desc())),
+    }
 }
 
 fn parse_max_size(text: &str) -> Result<u64, String> {
@@ -64,30 +94,66 @@ fn main() {
     }
 }
 
-/// Folds clap's multi-line message into one line, dropping its usage block.
+/// Folds clap's multi-line message into one line, dropping its usage block, its tips and its
+/// own pointer to --help (the caller adds one), and the "error:" prefix.
 fn one_line(message: &str) -> String {
     message
         .lines()
         .take_while(|l| !l.starts_with("Usage:"))
         .map(str::trim)
-        .filter(|l| !l.is_empty())
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("tip:") && !l.starts_with("For more information")
+        })
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-fn check_output_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create output dir {}", dir.display()))?;
-    let probe = tempfile_in(dir)
-        .with_context(|| format!("output dir {} is not writable", dir.display()))?;
+/// Creates the output folder if it is missing (0700, or 0750 when a group may read the dumps)
+/// and checks that it is a writable folder.
+fn check_output_dir(dir: &Path, group_readable: bool) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => bail!("output dir {} is not a folder", dir.display()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mode = if group_readable { 0o750 } else { 0o700 };
+            fs::DirBuilder::new().recursive(true).mode(mode).create(dir).map_err(|e| {
+                anyhow!("cannot create output dir {}: {}", dir.display(), io_cause(&e))
+            })?;
+            // The umask may have taken bits away from the mode asked for.
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
+        }
+        Err(e) => bail!("cannot use output dir {}: {}", dir.display(), io_cause(&e)),
+    }
+    let probe = dir.join(format!(".crashmon-write-probe-{}", std::process::id()));
+    fs::write(&probe, b"")
+        .map_err(|e| anyhow!("output dir {} is not writable: {}", dir.display(), io_cause(&e)))?;
     fs::remove_file(probe)?;
     Ok(())
 }
 
-fn tempfile_in(dir: &Path) -> std::io::Result<PathBuf> {
-    let path = dir.join(format!(".crashmon-write-probe-{}", std::process::id()));
-    fs::write(&path, b"")?;
-    Ok(path)
+/// An I/O error's description without Rust's "(os error N)" suffix.
+fn io_cause(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
+        None => e.to_string(),
+    }
+}
+
+/// Checks what can be checked about the socket path before anything is created.
+fn check_socket_path(socket: &Path) -> Result<()> {
+    if socket.symlink_metadata().is_ok() {
+        bail!(
+            "socket path {} already exists (another crashmon-device? remove it if it is stale)",
+            socket.display()
+        );
+    }
+    let parent = socket.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!("cannot listen on {}: folder {} does not exist", socket.display(), parent.display());
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -97,28 +163,29 @@ fn run(cli: Cli) -> Result<()> {
             cli.vm_name
         );
     }
-    if cli.socket.symlink_metadata().is_ok() {
-        bail!(
-            "socket path {} already exists (another crashmon-device? remove it if it is stale)",
-            cli.socket.display()
-        );
-    }
-    check_output_dir(&cli.output_dir)?;
+    check_socket_path(&cli.socket)?;
+    check_output_dir(&cli.output_dir, cli.file_mode & 0o040 != 0)?;
 
     let config = CaptureConfig {
-        output_dir: cli.output_dir.clone(),
-        vm_name: cli.vm_name.clone(),
-        max_dump_size: cli.max_dump_size,
+        file_mode: cli.file_mode,
+        file_group: cli.file_group,
+        ..CaptureConfig::new(&cli.output_dir, &cli.vm_name, cli.max_dump_size)
     };
     let window = DataWindow::new().context("cannot create the data window (memfd)")?;
     let card: SharedCard = Arc::new(Mutex::new(CrashMonitorCard::new(config, window)));
-    let server = Server::new(&cli.socket, true, vfio::irqs(), vfio::regions(&card))
-        .with_context(|| format!("cannot listen on {}", cli.socket.display()))?;
+    let server =
+        Server::new(&cli.socket, true, vfio::irqs(), vfio::regions(&card)).map_err(|e| {
+            // The crate's error repeats its io::Error's text; say it once.
+            let cause = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .map_or_else(|| e.to_string(), io_cause);
+            anyhow!("cannot listen on {}: {cause}", cli.socket.display())
+        })?;
     spawn_signal_handler(card.clone(), cli.socket.clone())?;
     // Partial dumps left by a device model that was killed are closed in the background: hashing
     // them reads whole files, and the socket must be there for QEMU at once.
     let dir = cli.output_dir.clone();
-    std::thread::Builder::new()
+    let recovery = std::thread::Builder::new()
         .name("recover".into())
         .spawn(move || capture::recover_stale(&dir))
         .context("cannot start the recovery thread")?;
@@ -130,8 +197,10 @@ fn run(cli: Cli) -> Result<()> {
     );
 
     let mut backend = CardBackend::new(card.clone());
+    let mut recovery = Some(recovery);
     loop {
-        match server.run(&mut backend) {
+        let result = server.run(&mut backend);
+        match &result {
             Ok(()) => info!("VM disconnected"),
             Err(e) => error!("VM connection ended with an error: {e}"),
         }
@@ -142,7 +211,11 @@ fn run(cli: Cli) -> Result<()> {
             for writer in writers {
                 writer.join();
             }
-            return Ok(());
+            if let Some(recovery) = recovery.take() {
+                let _ = recovery.join();
+            }
+            let _ = fs::remove_file(&cli.socket);
+            return result.map_err(|e| anyhow!("the VM's connection ended with an error: {e}"));
         }
         info!("waiting for the next VM on {}", cli.socket.display());
     }

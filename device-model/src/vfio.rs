@@ -188,11 +188,7 @@ mod tests {
 
     fn backend() -> (CardBackend, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let config = CaptureConfig {
-            output_dir: dir.path().to_owned(),
-            vm_name: "t".into(),
-            max_dump_size: 1 << 20,
-        };
+        let config = CaptureConfig::new(dir.path().to_owned(), "t", 1 << 20);
         let card = Arc::new(Mutex::new(CrashMonitorCard::new(config, DataWindow::new().unwrap())));
         (CardBackend::new(card), dir)
     }

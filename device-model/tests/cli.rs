@@ -34,7 +34,11 @@ fn unwritable_output_dir_is_refused() {
     std::fs::write(&file, b"").unwrap();
     fails_with(
         &["--socket", sock.to_str().unwrap(), "--output-dir", file.join("sub").to_str().unwrap()],
-        "cannot create output dir",
+        "output dir",
+    );
+    fails_with(
+        &["--socket", sock.to_str().unwrap(), "--output-dir", file.to_str().unwrap()],
+        "is not a folder",
     );
     fails_with(
         &["--socket", sock.to_str().unwrap(), "--output-dir", "/proc/crashmon"],
@@ -65,4 +69,52 @@ fn nonsense_sizes_and_names_are_refused() {
         fails_with(&args, "--vm-name");
     }
     fails_with(&["--output-dir", "/tmp"], "--socket");
+}
+
+#[test]
+fn a_socket_in_a_missing_folder_is_refused_before_anything_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sock = dir.path().join("no-such-folder/card.sock");
+    fails_with(
+        &["--socket", sock.to_str().unwrap(), "--output-dir", out.to_str().unwrap()],
+        "does not exist",
+    );
+    let err = String::from_utf8_lossy(
+        &run_cli(&["--socket", sock.to_str().unwrap(), "--output-dir", out.to_str().unwrap()])
+            .stderr,
+    )
+    .into_owned();
+    assert!(!err.contains("os error"), "the cause is said once, in words: {err}");
+    assert!(!out.exists(), "the output dir was not created for a command that failed");
+}
+
+#[test]
+fn usage_errors_name_their_cause_once() {
+    let out = run_cli(&["--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("--help").count(), 1, "{err}");
+    assert!(!err.contains("error: "), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let base = ["--socket", sock.to_str().unwrap(), "--output-dir", dir.path().to_str().unwrap()];
+    for (flag, needle) in [
+        ("--file-mode=0644", "nothing beyond 0660"),
+        ("--file-mode=0400", "owner read and write"),
+        ("--file-mode=rw", "not an octal mode"),
+        ("--file-group=no-such-group-here", "no group named"),
+    ] {
+        let mut args = base.to_vec();
+        args.push(flag);
+        fails_with(&args, needle);
+    }
+}
+
+#[test]
+fn version_names_the_binary() {
+    let out = run_cli(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("crashmon-device "), "{text}");
 }

@@ -94,6 +94,13 @@ fn streams_a_multi_megabyte_dump(sequential: bool) {
     let got = std::fs::read(&dumps[0]).unwrap();
     assert!(got == dump, "host file differs from what the guest sent");
 
+    // Private by default: a dump is a copy of the guest's RAM.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dumps[0]), 0o600);
+    assert_eq!(mode(&dumps[0].with_extension("").with_extension("json")), 0o600);
+    assert_eq!(mode(&dev.out), 0o700, "the output dir it created");
+
     let sc = sidecar_of(&dumps[0]);
     assert_eq!(sc.format, "crashmon-sidecar/1");
     assert_eq!(

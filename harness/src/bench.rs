@@ -27,6 +27,19 @@ pub struct Row {
     pub anchor_s: f64,
     /// Bytes of QEMU's ELF dump.
     pub anchor_bytes: u64,
+    /// The device model's peak resident memory (`VmHWM`), KiB, the largest over the runs.
+    pub device_peak_rss_kib: u64,
+}
+
+/// The peak resident set (`VmHWM`, KiB) of process `pid`.
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM line")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -60,7 +73,7 @@ pub fn run(rig: &Rig, sizes_mb: &[u32], repeat: usize, work_dir: &Path) -> Resul
     let mut rows = Vec::new();
     for &memory_mb in sizes_mb {
         let (mut ours, mut anchor) = (Vec::new(), Vec::new());
-        let (mut dump_bytes, mut anchor_bytes) = (0, 0);
+        let (mut dump_bytes, mut anchor_bytes, mut peak_rss) = (0, 0, 0);
         for i in 0..repeat {
             let mut s = Scenario::new(&format!("bench-{memory_mb}m-{i}"));
             s.memory_mb = memory_mb;
@@ -69,6 +82,8 @@ pub fn run(rig: &Rig, sizes_mb: &[u32], repeat: usize, work_dir: &Path) -> Resul
             let elf = dir.join("qemu-dump.elf");
             let mut measured = (0.0, 0);
             let outcome = scenario::complete_with(r, &s, |r| {
+                // The dump is on the host: the device model's peak memory is what it needed.
+                peak_rss = peak_rss.max(peak_rss_kib(r.card.pid())?);
                 measured = time_anchor(r, &elf)?;
                 Ok(())
             })?;
@@ -90,6 +105,7 @@ pub fn run(rig: &Rig, sizes_mb: &[u32], repeat: usize, work_dir: &Path) -> Resul
             crashmon_s: median(ours),
             anchor_s: median(anchor),
             anchor_bytes,
+            device_peak_rss_kib: peak_rss,
         });
     }
     Ok(rows)
@@ -117,22 +133,28 @@ pub fn table(rows: &[Row], repeat: usize, qemu_version: &str) -> String {
          the crash and writes an ELF core, not the dump Windows writes; `win-dmp` format needs a \
          real Windows guest's KDBG and is not measurable here.\n\
          * **ratio** = crashmon time / anchor time (lower is better for crashmon); compare ratios, \
-         not seconds, across machines.\n"
+         not seconds, across machines.\n\
+         * **device RSS**: the device model's peak resident memory (`VmHWM`) once the dump is on \
+         the host; it must not grow with the dump.\n"
     );
-    let _ = writeln!(t, "| guest RAM | crashmon dump | crashmon | crashmon rate | anchor (ELF) | anchor rate | ratio |");
-    let _ = writeln!(t, "|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        t,
+        "| guest RAM | crashmon dump | crashmon | crashmon rate | anchor (ELF) | anchor rate | ratio | device RSS |"
+    );
+    let _ = writeln!(t, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let _ = writeln!(
             t,
-            "| {} MiB | {:.1} MiB | {:.2} s | {:.0} MiB/s | {:.2} s | {:.0} MiB/s | {:.2} |",
+            "| {} MiB | {:.1} MiB | {:.2} s | {:.0} MiB/s | {:.2} s | {:.0} MiB/s | {:.2} | {:.1} MiB |",
             r.memory_mb,
             mib(r.dump_bytes),
             r.crashmon_s,
             mib(r.dump_bytes) / r.crashmon_s,
             r.anchor_s,
             mib(r.anchor_bytes) / r.anchor_s,
-            r.crashmon_s / r.anchor_s
+            r.crashmon_s / r.anchor_s,
+            r.device_peak_rss_kib as f64 / 1024.0
         );
     }
     t

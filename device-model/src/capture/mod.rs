@@ -42,6 +42,10 @@ pub const SIDECAR_SUFFIX: &str = ".json";
 /// Holes listed in a sidecar at most.
 const MAX_LISTED_HOLES: usize = 64;
 
+/// Mode of dumps and sidecars unless told otherwise: a dump is a copy of the guest's RAM, with
+/// its keys and passwords, so only the device model's user may read it.
+pub const DEFAULT_FILE_MODE: u32 = 0o600;
+
 /// Where and under what limits dumps are captured.
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
@@ -51,6 +55,40 @@ pub struct CaptureConfig {
     pub vm_name: String,
     /// No chunk may end past this many bytes.
     pub max_dump_size: u64,
+    /// Permission bits of dumps and sidecars (at most 0o660).
+    pub file_mode: u32,
+    /// Group given to dumps and sidecars, if any (for an operators' group).
+    pub file_group: Option<u32>,
+}
+
+impl CaptureConfig {
+    /// Dumps of `vm_name` in `output_dir`, each at most `max_dump_size` bytes, private.
+    pub fn new(output_dir: impl Into<PathBuf>, vm_name: &str, max_dump_size: u64) -> Self {
+        Self {
+            output_dir: output_dir.into(),
+            vm_name: vm_name.to_owned(),
+            max_dump_size,
+            file_mode: DEFAULT_FILE_MODE,
+            file_group: None,
+        }
+    }
+
+    /// Creates `path` (which must not exist) with the configured mode and group.
+    fn create_file(&self, path: &Path, read: bool) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(read)
+            .write(true)
+            .create_new(true)
+            .mode(self.file_mode)
+            .open(path)?;
+        // The umask may have taken bits away; the mode asked for is the mode wanted.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(self.file_mode))?;
+        if let Some(gid) = self.file_group {
+            std::os::unix::fs::fchown(&file, None, Some(gid))?;
+        }
+        Ok(file)
+    }
 }
 
 /// Whether a VM name is safe as part of a file name: 1 to 64 of `[A-Za-z0-9._-]`, not starting
@@ -154,6 +192,7 @@ pub struct Closing {
 /// One crash being captured. Owned by its writer thread.
 #[derive(Debug)]
 pub struct Session {
+    config: CaptureConfig,
     dir: PathBuf,
     base: String,
     file: File,
@@ -177,7 +216,7 @@ impl Session {
         let base =
             format!("{}-{}-{}", config.vm_name, name.started.format("%Y%m%dT%H%M%SZ"), name.id);
         let partial = config.output_dir.join(format!("{base}{PARTIAL_SUFFIX}"));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&partial)?;
+        let file = config.create_file(&partial, true)?;
         // Held until the session closes; see `recover_stale`.
         file.try_lock().map_err(io::Error::other)?;
         let sidecar = Sidecar {
@@ -206,6 +245,7 @@ impl Session {
             longest_answer_us: None,
         };
         let session = Session {
+            config: config.clone(),
             dir: config.output_dir.clone(),
             base,
             file,
@@ -292,6 +332,18 @@ impl Session {
         self.sidecar.first_write_error.get_or_insert_with(|| what.to_owned());
     }
 
+    /// Whether no byte of the dump arrived (nor failed to be written): nothing worth keeping.
+    pub fn is_empty(&self) -> bool {
+        self.sidecar.bytes_received == 0 && self.sidecar.write_errors == 0
+    }
+
+    /// Closes a session that carried no dump bytes: its empty file and its sidecar are removed,
+    /// so that a guest opening sessions in a loop leaves no files behind.
+    pub fn discard(self) -> io::Result<()> {
+        fs::remove_file(self.partial_path())?;
+        fs::remove_file(self.sidecar_path())
+    }
+
     /// First half of closing: makes the dump durable under its final name (fsync the file,
     /// rename it, fsync the folder). Once this returns the dump is safe on disk.
     pub fn make_durable(&mut self, incomplete_reason: Option<&str>) -> io::Result<PathBuf> {
@@ -352,7 +404,7 @@ impl Session {
     }
 
     fn write_sidecar(&self, durable: bool) -> io::Result<()> {
-        write_json_atomically(&self.sidecar_path(), &self.sidecar, durable)
+        write_json_atomically(&self.config, &self.sidecar_path(), &self.sidecar, durable)
     }
 }
 
@@ -372,9 +424,16 @@ fn bugcheck_from_header(data: &[u8]) -> Option<BugCheckInfo> {
     ))
 }
 
-fn write_json_atomically(path: &Path, value: &Sidecar, durable: bool) -> io::Result<()> {
+fn write_json_atomically(
+    config: &CaptureConfig,
+    path: &Path,
+    value: &Sidecar,
+    durable: bool,
+) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let mut file = File::create(&tmp)?;
+    // A temporary file left by a device model killed mid-write is replaced.
+    let _ = fs::remove_file(&tmp);
+    let mut file = config.create_file(&tmp, false)?;
     serde_json::to_writer_pretty(&mut file, value).map_err(io::Error::other)?;
     file.write_all(b"\n")?;
     if durable {
@@ -470,6 +529,9 @@ pub fn recover_stale(dir: &Path) -> Vec<PathBuf> {
     recovered
 }
 
+/// Closes one stale partial: hash, then the sidecar (already naming the final file), then the
+/// rename. A device model killed in the middle leaves a `.partial` that the next one recovers
+/// again, never a renamed dump whose sidecar still says it is streaming.
 fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf>> {
     let file = OpenOptions::new().read(true).write(true).open(path)?;
     if file.try_lock().is_err() {
@@ -480,8 +542,6 @@ fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf
     let sidecar_path = dir.join(format!("{base}{SIDECAR_SUFFIX}"));
     let size = file.metadata()?.len();
     let sha = hash_file(&file)?;
-    fs::rename(path, dir.join(&dump_name))?;
-    File::open(dir)?.sync_all()?;
     if let Some(mut sidecar) =
         fs::read(&sidecar_path).ok().and_then(|b| serde_json::from_slice::<Sidecar>(&b).ok())
     {
@@ -492,8 +552,17 @@ fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf
         sidecar.missing_bytes = None;
         sidecar.sha256 = Some(sha);
         sidecar.sha256_source = Some(HashSource::ReadBack);
-        write_json_atomically(&sidecar_path, &sidecar, true)?;
+        // Rewritten with the mode and group the old sidecar had.
+        let meta = fs::metadata(&sidecar_path)?;
+        let config = CaptureConfig {
+            file_mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            file_group: Some(std::os::unix::fs::MetadataExt::gid(&meta)),
+            ..CaptureConfig::new(dir, "", 0)
+        };
+        write_json_atomically(&config, &sidecar_path, &sidecar, true)?;
     }
+    fs::rename(path, dir.join(&dump_name))?;
+    File::open(dir)?.sync_all()?;
     Ok(Some(dir.join(dump_name)))
 }
 
@@ -502,7 +571,7 @@ mod tests {
     use super::*;
 
     fn config(dir: &Path, max: u64) -> CaptureConfig {
-        CaptureConfig { output_dir: dir.to_owned(), vm_name: "vm1".into(), max_dump_size: max }
+        CaptureConfig::new(dir, "vm1", max)
     }
 
     fn sha(data: &[u8]) -> String {

@@ -256,6 +256,23 @@ fn run(
         return None;
     };
     let incomplete = closing.incomplete_reason.as_deref();
+    if session.is_empty() {
+        let why = incomplete.unwrap_or("complete with no bytes");
+        log::warn!(
+            "VM {}: session {} carried no dump bytes ({why}); no file kept",
+            config.vm_name,
+            name.id
+        );
+        if let Err(e) = session.discard() {
+            error!("VM {}: removing the empty session's files failed: {e}", config.vm_name);
+        }
+        progress.set_outcome(if incomplete.is_some() {
+            Outcome::Incomplete
+        } else {
+            Outcome::Complete
+        });
+        return None;
+    }
     if let Err(e) = session.make_durable(incomplete) {
         error!("VM {}: making the dump durable failed: {e}", config.vm_name);
         progress.set_outcome(Outcome::Failed);
