@@ -362,9 +362,13 @@ pub enum ErrorCode {
     BadCommand = 9,
     /// The doorbell named a slot whose previous chunk the host has not written yet.
     SlotBusy = 10,
-    /// The host is still making [`crate::MAX_FINISHING_SESSIONS`] earlier sessions durable, or
-    /// refuses new sessions for now (a quota); no session was opened.
+    /// The host is still making [`crate::MAX_FINISHING_SESSIONS`] earlier sessions durable; no
+    /// session was opened.
     HostBusy = 11,
+    /// A host limit refused the session (too many sessions recently, too little free disk) or
+    /// stopped writing the dump (free disk, total size of the VM's dumps); the sidecar, if the
+    /// session has one, says which. Bytes already written are kept.
+    Quota = 12,
 }
 
 impl ErrorCode {
@@ -383,6 +387,7 @@ impl ErrorCode {
             9 => Self::BadCommand,
             10 => Self::SlotBusy,
             11 => Self::HostBusy,
+            12 => Self::Quota,
             _ => return None,
         })
     }
@@ -402,6 +407,7 @@ impl ErrorCode {
             Self::BadCommand => "bad-command",
             Self::SlotBusy => "slot-busy",
             Self::HostBusy => "host-busy",
+            Self::Quota => "quota",
         }
     }
 }
@@ -482,7 +488,7 @@ mod tests {
                 assert_eq!(s as u32, v);
             }
         }
-        assert_eq!(ErrorCode::from_u32(12), None);
+        assert_eq!(ErrorCode::from_u32(13), None);
         assert_eq!(SessionState::from_status(status::GONE), None);
         assert_eq!(DumpIoType::from_u32(5), None);
     }

@@ -10,11 +10,13 @@
 //! thread owns the file); a doorbell claims its slot and queues the chunk, and the register file
 //! reads the writers' [`Progress`] from memory.
 
+use crate::capture::quota::SessionRate;
 use crate::capture::writer::{FinishingSession, Outcome, Progress, SessionWriter, WriteJob};
 use crate::capture::{
     BugCheckInfo, BugCheckSource, CaptureConfig, ChunkError, Closing, Finished, Placement,
 };
 use crate::data_window::{DataWindow, SlotOwner};
+use crate::events::Event;
 use crashmon_card_abi::{
     self as abi, cap, control, regs, status, DumpIoType, ErrorCode, SessionState,
 };
@@ -22,6 +24,7 @@ use log::{debug, error, info, warn};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 /// Closed sessions whose results the card keeps (for tests and logs); older ones are dropped so
 /// that a guest opening sessions in a loop cannot grow the host's memory.
@@ -102,6 +105,10 @@ pub struct CrashMonitorCard {
     opened: u64,
     /// What the last `FINISHED_KEPT` writers left on disk, by the order their sessions opened in.
     finished: BTreeMap<u64, Finished>,
+    /// Sessions opened lately, for `--max-sessions-per-hour`.
+    rate: SessionRate,
+    /// Whether a session refused as HOST_BUSY was already reported.
+    busy_reported: bool,
     clock: Instant,
 }
 
@@ -122,6 +129,8 @@ impl CrashMonitorCard {
             finishing: Vec::new(),
             opened: 0,
             finished: BTreeMap::new(),
+            rate: SessionRate::default(),
+            busy_reported: false,
             clock: Instant::now(),
         }
     }
@@ -150,6 +159,11 @@ impl CrashMonitorCard {
     pub fn wait_writers(&mut self) -> Vec<Finished> {
         self.reap(true);
         self.finished.values().cloned().collect()
+    }
+
+    /// The events handle, to flush at exit.
+    pub fn events(&self) -> crate::events::Events {
+        self.capture.events.clone()
     }
 
     /// Takes the writers whose close is queued, to be joined without holding the card.
@@ -229,13 +243,14 @@ impl CrashMonitorCard {
                 Outcome::Running => {}
                 Outcome::Complete => self.state = CardState::Complete,
                 Outcome::Incomplete | Outcome::Failed => {
+                    let code = progress.error().unwrap_or(ErrorCode::HostIo);
                     self.state = CardState::Aborted;
-                    self.latch(ErrorCode::HostIo);
+                    self.latch(code);
                 }
             }
         }
-        if self.current.as_ref().is_some_and(|p| p.io_error()) {
-            self.latch(ErrorCode::HostIo);
+        if let Some(code) = self.current.as_ref().and_then(|p| p.error()) {
+            self.latch(code);
         }
         self.reap(false);
     }
@@ -347,12 +362,15 @@ impl CrashMonitorCard {
             match self.state {
                 CardState::Open(_) => self.refuse(ErrorCode::BadState, "arm"),
                 _ => {
-                    if matches!(self.state, CardState::Idle) {
+                    if !matches!(self.state, CardState::Armed(_)) {
                         info!("VM {}: the guest's driver armed the card", self.capture.vm_name);
+                        self.capture.events.emit(Event::Armed);
                     }
-                    // A finishing session goes on: its writer owns it.
+                    // A finishing session goes on: its writer owns it, and its errors are no
+                    // longer this card's to report.
                     self.state = CardState::Armed(Refusals::default());
                     self.error = ErrorCode::None;
+                    self.current = None;
                 }
             }
         }
@@ -360,17 +378,26 @@ impl CrashMonitorCard {
             if !matches!(self.state, CardState::Armed(_)) {
                 self.refuse(ErrorCode::BadState, "announce");
             } else {
-                warn!(
-                    "VM {} bug checked: code {:#010x} parameters {:#x?}",
-                    self.capture.vm_name, self.bugcheck_code, self.bugcheck_params
-                );
                 let info = BugCheckInfo::new(
                     self.bugcheck_code,
                     self.bugcheck_params,
                     BugCheckSource::Announced,
                 );
-                if let Err(code) = self.open_session(Some(info)) {
-                    self.refuse(code, "announce");
+                let fields = info.fields();
+                match self.open_session(Some(info)) {
+                    Ok(session) => {
+                        // Once a session is open: a refused announcement is the limits' to log.
+                        let [p1, p2, p3, p4] = self.bugcheck_params;
+                        warn!(
+                            "VM {} bug checked: {:#010x} ({p1:#x}, {p2:#x}, {p3:#x}, {p4:#x})",
+                            self.capture.vm_name, self.bugcheck_code
+                        );
+                        self.capture.events.emit(Event::Bugcheck {
+                            session: session.to_string(),
+                            bugcheck: Some(fields),
+                        })
+                    }
+                    Err(code) => self.refuse(code, "announce"),
                 }
             }
         }
@@ -443,20 +470,45 @@ impl CrashMonitorCard {
     }
 
     /// Opens a session: starts its writer (which creates the file), unless too many earlier
-    /// sessions are still being made durable.
-    fn open_session(&mut self, bugcheck: Option<BugCheckInfo>) -> Result<(), ErrorCode> {
+    /// sessions are still being made durable or the VM opened too many lately. Returns the
+    /// session's id.
+    fn open_session(&mut self, bugcheck: Option<BugCheckInfo>) -> Result<Uuid, ErrorCode> {
         self.reap(false);
         if self.finishing.len() >= abi::MAX_FINISHING_SESSIONS {
-            error!(
-                "VM {}: {} earlier dumps are still being written; refusing a new session",
-                self.capture.vm_name,
-                self.finishing.len()
-            );
+            if !self.busy_reported {
+                // Once until a session opens again, however often the guest retries.
+                self.busy_reported = true;
+                let detail = format!(
+                    "{} earlier dumps are still being made durable; new sessions wait",
+                    self.finishing.len()
+                );
+                warn!("VM {}: {detail}", self.capture.vm_name);
+                self.capture
+                    .events
+                    .emit(Event::Quota { limit: "finishing-sessions".into(), detail });
+            }
             return Err(ErrorCode::HostBusy);
+        }
+        self.busy_reported = false;
+        // Counted only once the session can open: a busy refusal does not use up the rate.
+        let per_hour = self.capture.limits.max_sessions_per_hour;
+        if let Err(refused) = self.rate.allow(per_hour, Instant::now()) {
+            if refused == 1 {
+                // Once per burst: a guest faking crashes in a loop gets one line, not thousands.
+                let detail = format!(
+                    "more than {per_hour} sessions in the last hour; new sessions are refused"
+                );
+                warn!("VM {}: {detail}", self.capture.vm_name);
+                self.capture
+                    .events
+                    .emit(Event::Quota { limit: "sessions-per-hour".into(), detail });
+            }
+            return Err(ErrorCode::Quota);
         }
         match SessionWriter::spawn(&self.capture, bugcheck, self.window.clone()) {
             Ok(writer) => {
-                debug!("VM {}: session {} opening", self.capture.vm_name, writer.name().id);
+                let id = writer.name().id;
+                debug!("VM {}: session {id} opening", self.capture.vm_name);
                 self.current = Some(writer.progress().clone());
                 self.opened += 1;
                 let refusals = match &mut self.state {
@@ -470,7 +522,7 @@ impl CrashMonitorCard {
                     streaming: false,
                     refusals,
                 }));
-                Ok(())
+                Ok(id)
             }
             Err(e) => {
                 error!("VM {}: cannot start a session writer: {e}", self.capture.vm_name);
@@ -540,7 +592,12 @@ impl CrashMonitorCard {
         };
         if let Some(r) = refusals {
             r.count += 1;
-            r.first.get_or_insert(detail);
+            if r.first.is_none() {
+                // The first refusal since the card was armed is an event; the rest are counted
+                // in the sidecar, so a misbehaving guest cannot flood the events.
+                r.first = Some(detail.clone());
+                self.capture.events.emit(Event::ChunkRefused { code: code.name().into(), detail });
+            }
         }
         self.latch(code);
     }

@@ -4,12 +4,14 @@
 //! * [`card`]: the card's behaviour (register file, session state machine);
 //! * [`capture`]: dump files, reassembly and sidecars;
 //! * [`data_window`]: BAR2's shared memory;
+//! * [`events`]: JSON event lines and the operator's hooks;
 //! * [`pci_config`] and [`vfio`]: bus plumbing;
 //! * [`size`]: parsing sizes given on the command line.
 
 pub mod capture;
 pub mod card;
 pub mod data_window;
+pub mod events;
 pub mod pci_config;
 pub mod size;
 pub mod vfio;

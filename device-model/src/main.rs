@@ -3,9 +3,10 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use crashmon_device_model::capture::{self, CaptureConfig};
+use crashmon_device_model::capture::{self, quota, CaptureConfig};
 use crashmon_device_model::card::CrashMonitorCard;
 use crashmon_device_model::data_window::DataWindow;
+use crashmon_device_model::events::{self, Events, EventsConfig};
 use crashmon_device_model::size::parse_size;
 use crashmon_device_model::vfio::{self, CardBackend, SharedCard};
 use log::{error, info};
@@ -45,6 +46,36 @@ struct Cli {
     /// Group of dumps and sidecars (a name or a number), e.g. the operators' group.
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     file_group: Option<u32>,
+    /// Write one JSON object per line for each event (driver armed, bug check, progress,
+    /// complete, incomplete, refusals, quotas) to this file (appended, 0600), or `-` for stdout.
+    #[arg(long, value_name = "PATH")]
+    events: Option<PathBuf>,
+    /// Run this shell command when a guest bug checks; CRASHMON_* variables describe the crash.
+    #[arg(long, value_name = "CMD")]
+    on_crash: Option<String>,
+    /// Run this shell command when a dump is durable (complete or incomplete); CRASHMON_*
+    /// variables give its path, state, sizes and bug check.
+    #[arg(long, value_name = "CMD")]
+    on_dump: Option<String>,
+    /// Dumps kept per VM, the new one included: to make room, the oldest complete dumps are
+    /// removed first, then incomplete ones (0: keep all).
+    #[arg(long, value_name = "N", default_value_t = quota::DEFAULT_KEEP)]
+    keep: usize,
+    /// Total size of a VM's dumps: old dumps make room as with --keep, and a dump that would
+    /// still pass it stops there, kept as incomplete (e.g. 200GiB; default: no limit).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_total_size: Option<u64>,
+    /// Free space to leave on the output filesystem: a session is refused, or a dump stops
+    /// (kept as incomplete), rather than go below it (0: no limit).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    min_free: u64,
+    /// Sessions a VM may open per rolling hour; more are refused (a guest faking crashes).
+    #[arg(long, value_name = "N", default_value_t = quota::DEFAULT_SESSIONS_PER_HOUR,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_sessions_per_hour: u32,
+    /// Seconds a hook may run before it is killed.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    hook_timeout: u64,
 }
 
 fn parse_file_mode(text: &str) -> Result<u32, String> {
@@ -80,6 +111,19 @@ fn parse_max_size(text: &str) -> Result<u64, String> {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The hook runner: this executable again, started before the device model sandboxes
+    // itself, reading hook requests on stdin (see crashmon_device_model::events).
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--hook-runner") {
+        let timeout = args
+            .get(2)
+            .and_then(|a| a.strip_prefix("--hook-timeout="))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(60);
+        let stdin = std::io::BufReader::new(std::io::stdin());
+        events::run_hook_runner(stdin, std::time::Duration::from_secs(timeout));
+        return;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
@@ -156,6 +200,9 @@ fn check_socket_path(socket: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How long the exit path waits for the last events to be written.
+const EVENTS_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn run(cli: Cli) -> Result<()> {
     if !capture::valid_vm_name(&cli.vm_name) {
         bail!(
@@ -166,9 +213,36 @@ fn run(cli: Cli) -> Result<()> {
     check_socket_path(&cli.socket)?;
     check_output_dir(&cli.output_dir, cli.file_mode & 0o040 != 0)?;
 
+    let events_config = EventsConfig {
+        path: cli.events.clone(),
+        on_crash: cli.on_crash.clone(),
+        on_dump: cli.on_dump.clone(),
+        hook_timeout: std::time::Duration::from_secs(cli.hook_timeout),
+    };
+    let hooks = if cli.on_crash.is_some() || cli.on_dump.is_some() {
+        let (runner, stdin) = events::spawn_hook_runner(events_config.hook_timeout)
+            .context("cannot start the hook runner")?;
+        info!("hooks run in process {}", runner.id());
+        Some(stdin)
+    } else {
+        None
+    };
+    let events = Events::start(&cli.vm_name, &events_config, hooks).with_context(|| {
+        format!(
+            "cannot open the events file {}",
+            cli.events.as_deref().unwrap_or(Path::new("")).display()
+        )
+    })?;
     let config = CaptureConfig {
         file_mode: cli.file_mode,
         file_group: cli.file_group,
+        events,
+        limits: quota::Limits {
+            keep: (cli.keep > 0).then_some(cli.keep),
+            max_total_size: cli.max_total_size,
+            min_free: cli.min_free,
+            max_sessions_per_hour: cli.max_sessions_per_hour,
+        },
         ..CaptureConfig::new(&cli.output_dir, &cli.vm_name, cli.max_dump_size)
     };
     let window = DataWindow::new().context("cannot create the data window (memfd)")?;
@@ -214,6 +288,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(recovery) = recovery.take() {
                 let _ = recovery.join();
             }
+            vfio::lock(&card).events().flush(EVENTS_FLUSH_TIMEOUT);
             let _ = fs::remove_file(&cli.socket);
             return result.map_err(|e| anyhow!("the VM's connection ended with an error: {e}"));
         }
@@ -241,6 +316,7 @@ fn spawn_signal_handler(card: SharedCard, socket: PathBuf) -> Result<()> {
             for writer in writers {
                 writer.join();
             }
+            vfio::lock(&card).events().flush(EVENTS_FLUSH_TIMEOUT);
             std::process::exit(0);
         }
     })?;

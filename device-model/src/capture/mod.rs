@@ -11,6 +11,7 @@
 //! device model from one that a live one is still writing.
 
 mod coverage;
+pub mod quota;
 mod sidecar;
 pub mod writer;
 
@@ -59,6 +60,10 @@ pub struct CaptureConfig {
     pub file_mode: u32,
     /// Group given to dumps and sidecars, if any (for an operators' group).
     pub file_group: Option<u32>,
+    /// Where events go (disabled unless `--events` or a hook was given).
+    pub events: crate::events::Events,
+    /// How much of the disk a VM's dumps may take.
+    pub limits: quota::Limits,
 }
 
 impl CaptureConfig {
@@ -70,6 +75,8 @@ impl CaptureConfig {
             max_dump_size,
             file_mode: DEFAULT_FILE_MODE,
             file_group: None,
+            events: crate::events::Events::disabled(),
+            limits: quota::Limits::default(),
         }
     }
 
@@ -267,6 +274,11 @@ impl Session {
     /// Path of the file being written.
     pub fn partial_path(&self) -> PathBuf {
         self.dir.join(format!("{}{PARTIAL_SUFFIX}", self.base))
+    }
+
+    /// The file's size so far: the end of the furthest chunk.
+    pub fn size(&self) -> u64 {
+        self.sidecar.size
     }
 
     /// Payload bytes written so far.

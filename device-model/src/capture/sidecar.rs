@@ -65,6 +65,19 @@ pub struct BugCheckInfo {
 }
 
 impl BugCheckInfo {
+    /// The same, for an event.
+    pub fn fields(&self) -> crate::events::BugCheckFields {
+        crate::events::BugCheckFields {
+            code: self.code.clone(),
+            parameters: self.parameters.clone(),
+            source: match self.source {
+                BugCheckSource::Announced => "announced",
+                BugCheckSource::DumpHeader => "dump-header",
+            }
+            .to_owned(),
+        }
+    }
+
     /// Formats a code and parameters.
     pub fn new(code: u32, parameters: [u64; 4], source: BugCheckSource) -> Self {
         Self {

@@ -22,16 +22,20 @@
 //! The writer reports back through [`Progress`] (atomics only): bytes written, whether an I/O
 //! error happened, and how the session ended; the card reads it when the guest reads a register.
 
+use super::quota;
 use super::{Closing, Finished, Session, SessionName};
 use crate::capture::{BugCheckInfo, CaptureConfig};
 use crate::data_window::DataWindow;
+use crate::events::{DumpFields, Event};
+use crashmon_card_abi::ErrorCode;
 use crashmon_card_abi::{DumpIoType, SLOT_COUNT, SLOT_SIZE};
 use log::error;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Queue entries: one per slot (a slot is claimed by at most one queued write) and the close.
 const QUEUE_DEPTH: usize = SLOT_COUNT as usize + 1;
@@ -75,7 +79,8 @@ pub enum Outcome {
 pub struct Progress {
     bytes_written: AtomicU64,
     outcome: AtomicU8,
-    io_error: AtomicBool,
+    /// The first [`ErrorCode`] the writer hit (`HOST_IO` or `QUOTA`), 0 for none.
+    error: AtomicU32,
     longest_answer_us: AtomicU64,
 }
 
@@ -95,9 +100,15 @@ impl Progress {
         }
     }
 
-    /// Whether any write (or the file's creation) failed.
-    pub fn io_error(&self) -> bool {
-        self.io_error.load(Ordering::Acquire)
+    /// The first error the writer hit: a write (or the file's creation) failed (`HOST_IO`), or
+    /// a limit refused the session or stopped the dump (`QUOTA`).
+    pub fn error(&self) -> Option<ErrorCode> {
+        ErrorCode::from_u32(self.error.load(Ordering::Acquire)).filter(|e| *e != ErrorCode::None)
+    }
+
+    /// Records `code` unless an error is already recorded; true if this is the first.
+    fn set_error(&self, code: ErrorCode) -> bool {
+        self.error.compare_exchange(0, code as u32, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     /// Records how long the message loop took to answer one message while this session was
@@ -199,6 +210,9 @@ impl FinishingSession {
     }
 }
 
+/// How often a streaming session reports its progress as an event.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
 /// The writer thread.
 fn run(
     config: &CaptureConfig,
@@ -208,36 +222,92 @@ fn run(
     progress: &Progress,
     queue: Receiver<Job>,
 ) -> Option<Finished> {
-    let mut session = match Session::open(config, name, bugcheck) {
-        Ok(session) => Some(session),
+    let events = &config.events;
+    let session_id = name.id.to_string();
+    // An announced crash was reported by the card; otherwise it is reported here, once its code
+    // is known from the dump header, or at the close.
+    let mut crash_reported = bugcheck.is_some();
+    // The limits first: old dumps make room, and a session is refused without a file when the
+    // filesystem is already below --min-free.
+    let room =
+        quota::Room::make(config).and_then(|mut room| Ok((room.check_write(config, 0, 0)?, room)));
+    let (mut room, mut stopped) = match room {
+        Ok((refusal, room)) => (Some(room), refusal),
         Err(e) => {
-            error!("VM {}: cannot create a dump file: {e}", config.vm_name);
-            progress.io_error.store(true, Ordering::Release);
-            None
+            error!("VM {}: cannot check the dump limits: {e}", config.vm_name);
+            (None, None)
+        }
+    };
+    let mut session = if let Some(why) = &stopped {
+        error!("VM {}: session {} refused, no file made: {why}", config.vm_name, name.id);
+        progress.set_error(ErrorCode::Quota);
+        events.emit(Event::Quota { limit: "min-free".into(), detail: why.clone() });
+        None
+    } else {
+        match Session::open(config, name, bugcheck) {
+            Ok(session) => Some(session),
+            Err(e) => {
+                error!("VM {}: cannot create a dump file: {e}", config.vm_name);
+                progress.set_error(ErrorCode::HostIo);
+                None
+            }
         }
     };
     // The writer's own copy of a slot: the guest cannot change bytes between the file write and
     // the hash, and the slot is free again as soon as the bytes are in the file.
     let mut buffer = vec![0u8; SLOT_SIZE as usize];
+    let mut last_progress = Instant::now();
     let closing = loop {
         match queue.recv() {
             Ok(Job::Write(job)) => {
                 let data = &mut buffer[..(job.len as usize).min(SLOT_SIZE as usize)];
                 let copied = window.copy_out(job.slot, data).is_some();
+                if let (Some(s), Some(room), None) = (&session, &mut room, &stopped) {
+                    let new_size = s.size().max(job.start.saturating_add(data.len() as u64));
+                    match room.check_write(config, new_size, data.len() as u64) {
+                        Ok(None) => {}
+                        Ok(Some(why)) => {
+                            error!("VM {}: dump stopped: {why}", config.vm_name);
+                            progress.set_error(ErrorCode::Quota);
+                            events.emit(Event::Quota { limit: "disk".into(), detail: why.clone() });
+                            stopped = Some(why);
+                        }
+                        Err(e) => error!("VM {}: cannot check free space: {e}", config.vm_name),
+                    }
+                }
                 match session.as_mut() {
+                    // A dump the limits stopped takes no more bytes; its slots are still freed.
+                    Some(_) if stopped.is_some() => {}
                     Some(s) if copied => match s.write(job.kind, job.start, job.explicit, data) {
                         Ok(()) => {
                             progress.bytes_written.store(s.bytes_received(), Ordering::Release)
                         }
                         Err(e) => {
-                            error!("VM {}: writing the dump failed: {e}", config.vm_name);
-                            progress.io_error.store(true, Ordering::Release);
+                            // Once per session: a full disk fails every chunk that follows.
+                            if progress.set_error(ErrorCode::HostIo) {
+                                error!("VM {}: writing the dump failed: {e}", config.vm_name);
+                            }
                         }
                     },
                     Some(s) => s.note_lost("a chunk named a slot outside the window"),
                     None => {}
                 }
                 window.release(job.slot);
+                if let Some(s) = &session {
+                    if !crash_reported && s.sidecar().bugcheck.is_some() {
+                        crash_reported = true;
+                        let bugcheck = s.sidecar().bugcheck.as_ref().map(|b| b.fields());
+                        events.emit(Event::Bugcheck { session: session_id.clone(), bugcheck });
+                    }
+                    if last_progress.elapsed() >= PROGRESS_EVERY {
+                        last_progress = Instant::now();
+                        events.emit(Event::Progress {
+                            session: session_id.clone(),
+                            bytes_written: s.bytes_received(),
+                            chunks: s.sidecar().chunks,
+                        });
+                    }
+                }
             }
             Ok(Job::Close(closing)) => break closing,
             // The card went away without closing (it is only dropped at exit): keep the bytes.
@@ -255,6 +325,11 @@ fn run(
         progress.set_outcome(Outcome::Failed);
         return None;
     };
+    // A dump the limits stopped is incomplete, whatever the guest said.
+    let mut closing = closing;
+    if let Some(why) = stopped {
+        closing.incomplete_reason = Some(why);
+    }
     let incomplete = closing.incomplete_reason.as_deref();
     if session.is_empty() {
         let why = incomplete.unwrap_or("complete with no bytes");
@@ -263,6 +338,7 @@ fn run(
             config.vm_name,
             name.id
         );
+        events.emit(Event::EmptySession { session: session_id, reason: why.to_owned() });
         if let Err(e) = session.discard() {
             error!("VM {}: removing the empty session's files failed: {e}", config.vm_name);
         }
@@ -272,6 +348,9 @@ fn run(
             Outcome::Complete
         });
         return None;
+    }
+    if !crash_reported {
+        events.emit(Event::Bugcheck { session: session_id.clone(), bugcheck: None });
     }
     if let Err(e) = session.make_durable(incomplete) {
         error!("VM {}: making the dump durable failed: {e}", config.vm_name);
@@ -287,7 +366,32 @@ fn run(
     });
     let longest = progress.longest_answer_us.load(Ordering::Acquire);
     match session.finish(&closing, Some(longest)) {
-        Ok(finished) => Some(finished),
+        Ok(finished) => {
+            let sc = &finished.sidecar;
+            let dump = DumpFields {
+                dump: finished.dump_path.clone(),
+                sidecar: finished.sidecar_path.clone(),
+                size: sc.size,
+                bytes_received: sc.bytes_received,
+                sha256: sc.sha256.clone(),
+                bugcheck: sc.bugcheck.as_ref().map(|b| b.fields()),
+            };
+            if sc.rejected_chunks > 0 {
+                events.emit(Event::ChunkRefused {
+                    code: "summary".into(),
+                    detail: format!(
+                        "{} doorbells refused in session {session_id}; the first: {}",
+                        sc.rejected_chunks,
+                        sc.first_error.as_deref().unwrap_or("?")
+                    ),
+                });
+            }
+            events.emit(match closing.incomplete_reason {
+                None => Event::Complete { session: session_id, dump },
+                Some(reason) => Event::Incomplete { session: session_id, reason, dump },
+            });
+            Some(finished)
+        }
         Err(e) => {
             error!("VM {}: writing the final sidecar failed: {e}", config.vm_name);
             None

@@ -33,6 +33,12 @@ impl Device {
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Device {
         let socket = dir.path().join("card.sock");
         let out = dir.path().join("dumps");
+        Self::start_at(dir, &socket, &out, extra)
+    }
+
+    /// Starts a device model on `socket` writing to `out`; `dir` holds its log.
+    pub fn start_at(dir: tempfile::TempDir, socket: &Path, out: &Path, extra: &[&str]) -> Device {
+        let (socket, out) = (socket.to_owned(), out.to_owned());
         let child = Command::new(BIN)
             .arg("--socket")
             .arg(&socket)

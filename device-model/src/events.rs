@@ -1,0 +1,528 @@
+//! What happened to a VM's card, as one JSON object per line (`--events PATH` or `-`), and the
+//! operator's hooks (`--on-crash`, `--on-dump`).
+//!
+//! Events are produced where things happen: the card (in the vfio-user message loop) and the
+//! session writers. Neither may wait for a slow events file, a full pipe or a hook, so
+//! [`Events::emit`] only queues the event on a bounded channel; one thread writes the lines and
+//! passes hook requests to the hook runner. When the queue is full the event is dropped and
+//! counted, and the next event written says how many were lost (`dropped`), so memory stays
+//! bounded whatever a guest does.
+//!
+//! Hooks run in a separate process, the hook runner (`crashmon-device --hook-runner`, see
+//! [`run_hook_runner`]), started before the device model sandboxes itself: the device model
+//! never forks or executes anything after it faces the guest. The runner reads one request per
+//! line on its standard input and runs each hook with `sh -c`, its environment describing the
+//! crash, under a timeout; it logs every hook's exit status.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{self, BufRead, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Events queued at most before new ones are dropped (and counted).
+const QUEUE_DEPTH: usize = 1024;
+/// Hooks running at once in the runner; further requests wait for one to end.
+const MAX_RUNNING_HOOKS: usize = 4;
+
+/// One thing that happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// The guest's driver armed the card: a crash of this VM will be captured.
+    Armed,
+    /// The guest bug checked: a session opened.
+    Bugcheck {
+        /// The session (one dump).
+        session: String,
+        /// Code and parameters, when known (announced, or read from the dump's header).
+        #[serde(flatten)]
+        bugcheck: Option<BugCheckFields>,
+    },
+    /// Bytes are arriving.
+    Progress {
+        /// The session.
+        session: String,
+        /// Payload bytes written into the file so far.
+        bytes_written: u64,
+        /// Chunks written so far.
+        chunks: u64,
+    },
+    /// The dump is durable under its final name.
+    Complete {
+        /// The session.
+        session: String,
+        /// Details of the dump.
+        #[serde(flatten)]
+        dump: DumpFields,
+    },
+    /// The session ended early; every byte received is durable in the file.
+    Incomplete {
+        /// The session.
+        session: String,
+        /// Why it ended early.
+        reason: String,
+        /// Details of the dump.
+        #[serde(flatten)]
+        dump: DumpFields,
+    },
+    /// A session ended with no dump byte: no file was kept.
+    EmptySession {
+        /// The session.
+        session: String,
+        /// How it ended.
+        reason: String,
+    },
+    /// The card refused a doorbell or command (the first of a session, then a count at its end).
+    ChunkRefused {
+        /// The error code's name, e.g. `too-large`.
+        code: String,
+        /// What was refused.
+        detail: String,
+    },
+    /// A limit refused a session or stopped a dump, or removed old dumps.
+    Quota {
+        /// Which limit.
+        limit: String,
+        /// What it did.
+        detail: String,
+    },
+}
+
+/// A bug check in an event: hex strings, as in the sidecar.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BugCheckFields {
+    /// The code, e.g. "0x000000d1".
+    pub code: String,
+    /// The four parameters.
+    pub parameters: [String; 4],
+    /// `announced` or `dump-header`.
+    pub source: String,
+}
+
+/// A finished dump in an event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DumpFields {
+    /// The dump file.
+    pub dump: PathBuf,
+    /// Its sidecar.
+    pub sidecar: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Payload bytes received.
+    pub bytes_received: u64,
+    /// Its SHA-256.
+    pub sha256: Option<String>,
+    /// The bug check, when known.
+    pub bugcheck: Option<BugCheckFields>,
+}
+
+/// An event as written: when, which VM, what, and how many events before it were dropped.
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    vm: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
+    #[serde(skip_serializing_if = "is_zero")]
+    dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A hook request for the runner: the command and its environment.
+#[derive(Debug, serde::Deserialize, Serialize, PartialEq, Eq)]
+pub struct HookRequest {
+    /// `--on-crash` or `--on-dump`, for the runner's log.
+    pub hook: String,
+    /// Run with `sh -c`.
+    pub command: String,
+    /// Extra environment: `CRASHMON_*` variables.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Where events go and which hooks they start.
+#[derive(Clone, Debug, Default)]
+pub struct EventsConfig {
+    /// `--events`: a file appended to, or `-` for standard output.
+    pub path: Option<PathBuf>,
+    /// `--on-crash`: run when a guest bug checks.
+    pub on_crash: Option<String>,
+    /// `--on-dump`: run when a dump is durable (complete or incomplete).
+    pub on_dump: Option<String>,
+    /// How long a hook may run before it is killed.
+    pub hook_timeout: Duration,
+}
+
+/// The handle producers emit through; cheap to clone. A disabled handle drops everything.
+#[derive(Clone, Debug, Default)]
+pub struct Events {
+    inner: Option<Arc<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    vm: String,
+    queue: SyncSender<Message>,
+    dropped: AtomicU64,
+}
+
+#[derive(Debug)]
+enum Message {
+    Event(Event),
+    /// Answered once every event queued before it is written.
+    Flush(SyncSender<()>),
+}
+
+impl Events {
+    /// A handle that drops every event (no `--events`, no hooks).
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// Starts the events thread for `vm`: it writes to the configured file or standard output
+    /// and hands hook requests to `hooks` (the runner's standard input). Opening the file is
+    /// the only disk access here, done once at startup.
+    pub fn start(vm: &str, config: &EventsConfig, hooks: Option<ChildStdin>) -> io::Result<Self> {
+        if config.path.is_none() && hooks.is_none() {
+            return Ok(Self::disabled());
+        }
+        let out: Option<Box<dyn Write + Send>> = match &config.path {
+            None => None,
+            Some(p) if p.as_os_str() == "-" => Some(Box::new(io::stdout())),
+            Some(p) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let f = OpenOptions::new().create(true).append(true).mode(0o600).open(p)?;
+                Some(Box::new(f))
+            }
+        };
+        let (queue, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+        let inner = Arc::new(Inner { vm: vm.to_owned(), queue, dropped: AtomicU64::new(0) });
+        let writer = Writer {
+            inner: inner.clone(),
+            out,
+            hooks,
+            on_crash: config.on_crash.clone(),
+            on_dump: config.on_dump.clone(),
+        };
+        std::thread::Builder::new().name("events".into()).spawn(move || writer.run(rx))?;
+        Ok(Self { inner: Some(inner) })
+    }
+
+    /// Queues `event`; never blocks. A full queue drops it (counted in the next line written).
+    pub fn emit(&self, event: Event) {
+        let Some(inner) = &self.inner else { return };
+        match inner.queue.try_send(Message::Event(event)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                inner.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Events {
+    /// Waits (at most `timeout`) until every event queued so far is written and its hook
+    /// handed to the runner. For the exit path only: it may wait.
+    pub fn flush(&self, timeout: Duration) {
+        let Some(inner) = &self.inner else { return };
+        let (done, wait) = mpsc::sync_channel(1);
+        let deadline = Instant::now() + timeout;
+        let mut message = Message::Flush(done);
+        loop {
+            match inner.queue.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    message = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// The events thread.
+struct Writer {
+    inner: Arc<Inner>,
+    out: Option<Box<dyn Write + Send>>,
+    hooks: Option<ChildStdin>,
+    on_crash: Option<String>,
+    on_dump: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Message>) {
+        while let Ok(message) = rx.recv() {
+            let event = match message {
+                Message::Event(event) => event,
+                Message::Flush(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
+            };
+            let dropped = self.inner.dropped.swap(0, Ordering::Relaxed);
+            if let Some(out) = &mut self.out {
+                let line = Line {
+                    time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    vm: &self.inner.vm,
+                    event: &event,
+                    dropped,
+                };
+                let written = serde_json::to_writer(&mut *out, &line)
+                    .map_err(io::Error::other)
+                    .and_then(|()| out.write_all(b"\n"))
+                    .and_then(|()| out.flush());
+                if let Err(e) = written {
+                    log::error!("writing an event failed: {e}; events are no longer written");
+                    self.out = None;
+                }
+            }
+            self.hook(&event);
+        }
+    }
+
+    fn hook(&mut self, event: &Event) {
+        let (hook, command) = match event {
+            Event::Bugcheck { .. } => ("on-crash", &self.on_crash),
+            Event::Complete { .. } | Event::Incomplete { .. } => ("on-dump", &self.on_dump),
+            _ => return,
+        };
+        let (Some(command), Some(stdin)) = (command, &mut self.hooks) else { return };
+        let request = HookRequest {
+            hook: hook.into(),
+            command: command.clone(),
+            env: hook_env(&self.inner.vm, event),
+        };
+        let sent = serde_json::to_writer(&mut *stdin, &request)
+            .map_err(io::Error::other)
+            .and_then(|()| stdin.write_all(b"\n"))
+            .and_then(|()| stdin.flush());
+        if let Err(e) = sent {
+            log::error!("the hook runner is gone ({e}); hooks no longer run");
+            self.hooks = None;
+        }
+    }
+}
+
+/// The `CRASHMON_*` environment a hook gets for `event`.
+pub fn hook_env(vm: &str, event: &Event) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        env.insert(format!("CRASHMON_{k}"), v);
+    };
+    set("VM", vm.to_owned());
+    let bugcheck = |b: &Option<BugCheckFields>, set: &mut dyn FnMut(&str, String)| {
+        if let Some(b) = b {
+            set("BUGCHECK_CODE", b.code.clone());
+            for (i, p) in b.parameters.iter().enumerate() {
+                set(&format!("BUGCHECK_P{}", i + 1), p.clone());
+            }
+            set("BUGCHECK_SOURCE", b.source.clone());
+        }
+    };
+    match event {
+        Event::Bugcheck { session, bugcheck: b } => {
+            set("EVENT", "crash".into());
+            set("SESSION", session.clone());
+            bugcheck(b, &mut set);
+        }
+        Event::Complete { session, dump } | Event::Incomplete { session, dump, .. } => {
+            set("EVENT", "dump".into());
+            set("SESSION", session.clone());
+            let state =
+                if matches!(event, Event::Complete { .. }) { "complete" } else { "incomplete" };
+            set("STATE", state.into());
+            if let Event::Incomplete { reason, .. } = event {
+                set("REASON", reason.clone());
+            }
+            set("DUMP", dump.dump.display().to_string());
+            set("SIDECAR", dump.sidecar.display().to_string());
+            set("SIZE", dump.size.to_string());
+            set("BYTES_RECEIVED", dump.bytes_received.to_string());
+            if let Some(sha) = &dump.sha256 {
+                set("SHA256", sha.clone());
+            }
+            bugcheck(&dump.bugcheck, &mut set);
+        }
+        _ => {}
+    }
+    env
+}
+
+/// Starts the hook runner: this same executable with `--hook-runner`, its standard input the
+/// request pipe. Called before the device model sandboxes itself.
+pub fn spawn_hook_runner(timeout: Duration) -> io::Result<(Child, ChildStdin)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--hook-runner")
+        .arg(format!("--hook-timeout={}", timeout.as_secs()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let stdin = child.stdin.take().ok_or_else(|| io::Error::other("no stdin pipe"))?;
+    Ok((child, stdin))
+}
+
+/// The hook runner's main loop: one [`HookRequest`] per line of `input`, each run with `sh -c`
+/// under `timeout`, at most [`MAX_RUNNING_HOOKS`] at once; returns when `input` ends and every
+/// hook has ended.
+pub fn run_hook_runner(input: impl BufRead + Send, timeout: Duration) {
+    let mut running: Vec<(HookRequest, Child, Instant)> = Vec::new();
+    let reap = |running: &mut Vec<(HookRequest, Child, Instant)>, wait_one: bool| loop {
+        running.retain_mut(|(req, child, started)| match child.try_wait() {
+            Ok(Some(status)) => {
+                log::info!("hook {} ({}) exited with {status}", req.hook, req.command);
+                false
+            }
+            Ok(None) if started.elapsed() >= timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                log::warn!("hook {} ({}) killed after {timeout:?}", req.hook, req.command);
+                false
+            }
+            Ok(None) => true,
+            Err(e) => {
+                log::error!("hook {} ({}): {e}", req.hook, req.command);
+                false
+            }
+        });
+        if !wait_one || running.len() < MAX_RUNNING_HOOKS {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (lines_tx, lines_rx) = mpsc::channel::<io::Result<String>>();
+    // Reading stdin blocks; hooks are reaped meanwhile, so read on a thread of its own.
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for line in input.lines() {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            match lines_rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok(line)) => {
+                    let Ok(req) = serde_json::from_str::<HookRequest>(&line) else {
+                        log::error!("hook runner: unreadable request");
+                        continue;
+                    };
+                    reap(&mut running, true);
+                    match Command::new("/bin/sh")
+                        .arg("-c")
+                        .arg(&req.command)
+                        .envs(&req.env)
+                        .stdin(Stdio::null())
+                        .spawn()
+                    {
+                        Ok(child) => running.push((req, child, Instant::now())),
+                        Err(e) => {
+                            log::error!("hook {} ({}): cannot start: {e}", req.hook, req.command)
+                        }
+                    }
+                }
+                Ok(Err(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => reap(&mut running, false),
+            }
+        }
+        while !running.is_empty() {
+            reap(&mut running, false);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_json_with_vm_time_and_kind() {
+        let event = Event::Bugcheck {
+            session: "s1".into(),
+            bugcheck: Some(BugCheckFields {
+                code: "0x000000d1".into(),
+                parameters: ["0x1".into(), "0x2".into(), "0x3".into(), "0x4".into()],
+                source: "announced".into(),
+            }),
+        };
+        let line = Line { time: "t".into(), vm: "win11", event: &event, dropped: 0 };
+        let v: serde_json::Value = serde_json::to_value(&line).unwrap();
+        assert_eq!(v["event"], "bugcheck");
+        assert_eq!(v["vm"], "win11");
+        assert_eq!(v["code"], "0x000000d1");
+        assert_eq!(v["parameters"][3], "0x4");
+        assert!(v.get("dropped").is_none());
+    }
+
+    #[test]
+    fn hook_environment_describes_the_dump() {
+        let event = Event::Incomplete {
+            session: "s2".into(),
+            reason: "VM reset".into(),
+            dump: DumpFields {
+                dump: "/d/x.incomplete.dmp".into(),
+                sidecar: "/d/x.json".into(),
+                size: 10,
+                bytes_received: 8,
+                sha256: Some("ab".into()),
+                bugcheck: None,
+            },
+        };
+        let env = hook_env("vm1", &event);
+        assert_eq!(env["CRASHMON_EVENT"], "dump");
+        assert_eq!(env["CRASHMON_STATE"], "incomplete");
+        assert_eq!(env["CRASHMON_REASON"], "VM reset");
+        assert_eq!(env["CRASHMON_DUMP"], "/d/x.incomplete.dmp");
+        assert_eq!(env["CRASHMON_SIZE"], "10");
+        assert!(!env.contains_key("CRASHMON_BUGCHECK_CODE"));
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let (queue, rx) = mpsc::sync_channel(1);
+        let events = Events {
+            inner: Some(Arc::new(Inner { vm: "v".into(), queue, dropped: AtomicU64::new(0) })),
+        };
+        for _ in 0..5 {
+            events.emit(Event::Armed);
+        }
+        assert_eq!(events.inner.as_ref().unwrap().dropped.load(Ordering::Relaxed), 4);
+        drop(rx);
+    }
+
+    #[test]
+    fn the_runner_runs_hooks_with_their_environment_and_kills_slow_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let mut env = BTreeMap::new();
+        env.insert("CRASHMON_VM".to_owned(), "vm9".to_owned());
+        let ok = HookRequest {
+            hook: "on-dump".into(),
+            command: format!("echo \"$CRASHMON_VM\" > {}", out.display()),
+            env,
+        };
+        let slow = HookRequest {
+            hook: "on-crash".into(),
+            command: format!("sleep 30; echo late > {}.late", out.display()),
+            env: BTreeMap::new(),
+        };
+        let input = format!(
+            "{}\nnot json\n{}\n",
+            serde_json::to_string(&ok).unwrap(),
+            serde_json::to_string(&slow).unwrap()
+        );
+        run_hook_runner(io::Cursor::new(input), Duration::from_secs(1));
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "vm9\n");
+        assert!(!dir.path().join("out.late").exists());
+    }
+}
