@@ -4,11 +4,11 @@
 //
 
 use bitflags::bitflags;
-use libc::{c_void, iovec, EINVAL};
+use libc::{c_void, iovec, EINVAL, EIO, ENOTSUP};
 use libc::{sysconf, _SC_PAGESIZE};
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{IoSlice, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::mem::size_of;
 use std::num::Wrapping;
 use std::os::fd::OwnedFd;
@@ -97,6 +97,17 @@ const fn default_max_msg_fds() -> u32 {
 const fn default_max_data_xfer_size() -> u32 {
     1048576
 }
+
+/// The largest REGION_READ or REGION_WRITE the server accepts: the
+/// `max_data_xfer_size` it advertises.
+const MAX_DATA_XFER_SIZE: u32 = default_max_data_xfer_size();
+
+/// The largest message the server accepts: a REGION_WRITE of
+/// `MAX_DATA_XFER_SIZE` bytes.
+const MAX_MESSAGE_SIZE: usize = size_of::<RegionAccess>() + MAX_DATA_XFER_SIZE as usize;
+
+/// The most file descriptors the server receives with one message.
+const MAX_FDS: usize = 16;
 
 #[inline(always)]
 fn pagesize() -> u32 {
@@ -970,11 +981,19 @@ impl Server {
     fn handle_command(
         &self,
         backend: &mut dyn ServerBackend,
-        stream: &mut UnixStream,
+        stream: &mut Connection,
         header: Header,
+        body: &[u8],
         fds: Vec<File>,
     ) -> Result<(), Error> {
         let command = Command::n(header.command).ok_or(Error::UnknownCommand(header.command))?;
+        // Only DMA_MAP and SET_IRQS carry file descriptors.
+        if !fds.is_empty() && !matches!(command, Command::DmaMap | Command::SetIrqs) {
+            return Err(invalid_input(format_args!(
+                "{command:?} carries {} file descriptors",
+                fds.len()
+            )));
+        }
         match command {
             Command::Unknown
             | Command::GetRegionIoFds
@@ -989,26 +1008,20 @@ impl Server {
                 }
 
                 // TODO: Make version/capabilities configurable
-                let mut client_version = Version {
-                    header,
-                    ..Default::default()
+                let (client_version, version_data) = parse_command::<Version>(header, body)?;
+                // The capabilities are an optional NUL-terminated JSON string.
+                let client_capabilities: CapabilitiesData = match version_data.split_last() {
+                    None => CapabilitiesData::default(),
+                    Some((0, json)) => {
+                        serde_json::from_slice(json).map_err(Error::DeserializeCapabilites)?
+                    }
+                    Some(_) => {
+                        return Err(invalid_input(format_args!(
+                            "version data of {} bytes is not NUL-terminated",
+                            version_data.len()
+                        )))
+                    }
                 };
-                stream
-                    .read_exact(&mut client_version.as_mut_slice()[size_of::<Header>()..])
-                    .map_err(Error::StreamRead)?;
-
-                let mut raw_version_data =
-                    vec![0; header.message_size as usize - size_of::<Version>()];
-                stream
-                    .read_exact(&mut raw_version_data)
-                    .map_err(Error::StreamRead)?;
-                let client_version_data = CString::from_vec_with_nul(raw_version_data)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned();
-                let client_capabilities: CapabilitiesData =
-                    serde_json::from_str(&client_version_data)
-                        .map_err(Error::DeserializeCapabilites)?;
 
                 info!(
                     "Received client version: major = {} minor = {} capabilities = {:?}",
@@ -1016,29 +1029,24 @@ impl Server {
                 );
 
                 let server_capabilities = CapabilitiesData::default();
-                let server_version_data = serde_json::to_string(&server_capabilities)
+                let mut server_version_data = serde_json::to_vec(&server_capabilities)
                     .map_err(Error::SerializeCapabilites)?;
+                server_version_data.push(0);
                 let server_version = Version {
                     header: Header {
                         message_id: client_version.header.message_id,
                         command: Command::Version as u16,
                         flags: HeaderFlags::Reply as u32,
-                        message_size: (size_of::<Version>() + server_version_data.len() + 1) as u32,
+                        message_size: (size_of::<Version>() + server_version_data.len()) as u32,
                         ..Default::default()
                     },
                     major: 0,
                     minor: 0,
                 };
 
-                let server_version_data = CString::new(server_version_data.as_bytes()).unwrap();
-
-                let bufs = vec![
-                    IoSlice::new(server_version.as_slice()),
-                    IoSlice::new(server_version_data.as_bytes_with_nul()),
-                ];
-
-                // TODO: Use write_all_vectored() when ready
-                let _ = stream.write_vectored(&bufs).map_err(Error::StreamWrite)?;
+                let mut reply = server_version.as_slice().to_vec();
+                reply.extend_from_slice(&server_version_data);
+                stream.write_all(&reply).map_err(Error::StreamWrite)?;
 
                 info!(
                     "Sent server version: major = {} minor = {} capabilities = {:?}",
@@ -1046,20 +1054,18 @@ impl Server {
                 );
             }
             Command::DmaMap => {
-                let mut cmd = DmaMap {
-                    header,
-                    ..Default::default()
-                };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
-                    .map_err(Error::StreamRead)?;
+                let (cmd, _) = parse_command::<DmaMap>(header, body)?;
+                check_argsz::<DmaMap>(command, cmd.argsz)?;
 
                 let mut fds = fds;
 
                 // The specification demands that the caller passes 0
                 // or 1 file descriptor.
                 if fds.len() > 1 {
-                    return Err(Error::InvalidInput);
+                    return Err(invalid_input(format_args!(
+                        "DmaMap carries {} file descriptors",
+                        fds.len()
+                    )));
                 }
 
                 backend
@@ -1088,13 +1094,8 @@ impl Server {
                     .map_err(Error::StreamWrite)?;
             }
             Command::DmaUnmap => {
-                let mut cmd = DmaUnmap {
-                    header,
-                    ..Default::default()
-                };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
-                    .map_err(Error::StreamRead)?;
+                let (cmd, _) = parse_command::<DmaUnmap>(header, body)?;
+                check_argsz::<DmaUnmap>(command, cmd.argsz)?;
 
                 backend
                     .dma_unmap(
@@ -1130,13 +1131,8 @@ impl Server {
                     return Err(Error::UnexpectedNoReply(Command::DeviceGetInfo));
                 }
 
-                let mut cmd = DeviceGetInfo {
-                    header,
-                    ..Default::default()
-                };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
-                    .map_err(Error::StreamRead)?;
+                let (cmd, _) = parse_command::<DeviceGetInfo>(header, body)?;
+                check_argsz::<DeviceGetInfo>(command, cmd.argsz)?;
 
                 let reply = DeviceGetInfo {
                     header: Header {
@@ -1166,19 +1162,15 @@ impl Server {
                     return Err(Error::UnexpectedNoReply(Command::DeviceGetRegionInfo));
                 }
 
-                let mut cmd = DeviceGetRegionInfo {
-                    header,
-                    ..Default::default()
-                };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
-                    .map_err(Error::StreamRead)?;
+                let (cmd, _) = parse_command::<DeviceGetRegionInfo>(header, body)?;
+                check_argsz::<DeviceGetRegionInfo>(command, cmd.region_info.argsz)?;
 
-                if cmd.region_info.index as usize >= self.regions.len() {
-                    return Err(Error::InvalidInput);
-                }
-
-                let server_region = &self.regions[cmd.region_info.index as usize];
+                let server_region = self
+                    .regions
+                    .get(cmd.region_info.index as usize)
+                    .ok_or_else(|| {
+                        invalid_input(format_args!("no region {}", cmd.region_info.index))
+                    })?;
                 let mut region_info = server_region.region_info;
                 let sparse_areas = &server_region.sparse_areas;
 
@@ -1239,9 +1231,7 @@ impl Server {
                     buf.extend_from_slice(&cap_data);
 
                     if let Some(fd) = server_region.mmap_fd {
-                        stream
-                            .send_with_fds(&[&buf[..]], &[fd])
-                            .map_err(Error::SendWithFd)?;
+                        stream.send_with_fd(&buf, fd)?;
                     } else {
                         stream.write_all(&buf).map_err(Error::StreamWrite)?;
                     }
@@ -1256,19 +1246,13 @@ impl Server {
                     return Err(Error::UnexpectedNoReply(Command::GetIrqInfo));
                 }
 
-                let mut cmd = GetIrqInfo {
-                    header,
-                    ..Default::default()
-                };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
-                    .map_err(Error::StreamRead)?;
+                let (cmd, _) = parse_command::<GetIrqInfo>(header, body)?;
+                check_argsz::<GetIrqInfo>(command, cmd.argsz)?;
 
-                if cmd.index as usize >= self.irqs.len() {
-                    return Err(Error::InvalidInput);
-                }
-
-                let irq = &self.irqs[cmd.index as usize];
+                let irq = self
+                    .irqs
+                    .get(cmd.index as usize)
+                    .ok_or_else(|| invalid_input(format_args!("no irq index {}", cmd.index)))?;
 
                 let reply = GetIrqInfo {
                     header: Header {
@@ -1288,20 +1272,42 @@ impl Server {
                     .map_err(Error::StreamWrite)?;
             }
             Command::SetIrqs => {
-                let mut cmd = SetIrqs {
-                    header,
-                    ..Default::default()
-                };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
-                    .map_err(Error::StreamRead)?;
+                let (cmd, _) = parse_command::<SetIrqs>(header, body)?;
+                check_argsz::<SetIrqs>(command, cmd.argsz)?;
 
-                if cmd.index as usize >= self.irqs.len() {
-                    return Err(Error::InvalidInput);
-                }
+                let irq = self
+                    .irqs
+                    .get(cmd.index as usize)
+                    .ok_or_else(|| invalid_input(format_args!("no irq index {}", cmd.index)))?;
 
                 if cmd.flags & VFIO_IRQ_SET_DATA_BOOL > 0 {
                     return Err(Error::UnsupportedFeature);
+                }
+
+                // A count of 0 addresses the whole index (e.g. to disable it).
+                if cmd.count > 0
+                    && !matches!(cmd.start.checked_add(cmd.count), Some(end) if end <= irq.count)
+                {
+                    return Err(invalid_input(format_args!(
+                        "irqs {} + {} outside the {} of index {}",
+                        cmd.start, cmd.count, irq.count, cmd.index
+                    )));
+                }
+
+                // One file descriptor per interrupt at most: an interrupt
+                // without one (-1 in VFIO) is sent without one.
+                let max_fds = if cmd.flags & VFIO_IRQ_SET_DATA_EVENTFD != 0 {
+                    cmd.count as usize
+                } else {
+                    0
+                };
+                if fds.len() > max_fds {
+                    return Err(invalid_input(format_args!(
+                        "SetIrqs for {} irqs (flags {:#x}) carries {} file descriptors",
+                        cmd.count,
+                        cmd.flags,
+                        fds.len()
+                    )));
                 }
 
                 backend
@@ -1328,20 +1334,11 @@ impl Server {
                     return Err(Error::UnexpectedNoReply(Command::RegionRead));
                 }
 
-                let mut cmd = RegionAccess {
-                    header,
-                    ..Default::default()
-                };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
-                    .map_err(Error::StreamRead)?;
-
+                let (cmd, _) = parse_command::<RegionAccess>(header, body)?;
                 let (region, offset, count) = (cmd.region, cmd.offset, cmd.count);
+                self.check_region_access(region, offset, count)?;
 
-                if region as usize >= self.regions.len() {
-                    return Err(Error::InvalidInput);
-                }
-
+                // Bounded by check_region_access().
                 let mut data = vec![0u8; count as usize];
                 backend
                     .region_read(region, offset, &mut data)
@@ -1359,30 +1356,25 @@ impl Server {
                     offset,
                     count,
                 };
-                stream
-                    .write_all(reply.as_slice())
-                    .map_err(Error::StreamWrite)?;
-                stream.write_all(&data).map_err(Error::StreamWrite)?;
+                let mut buf = Vec::with_capacity(size_of::<RegionAccess>() + data.len());
+                buf.extend_from_slice(reply.as_slice());
+                buf.extend_from_slice(&data);
+                stream.write_all(&buf).map_err(Error::StreamWrite)?;
             }
             Command::RegionWrite => {
-                let mut cmd = RegionAccess {
-                    header,
-                    ..Default::default()
-                };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
-                    .map_err(Error::StreamRead)?;
-
+                let (cmd, data) = parse_command::<RegionAccess>(header, body)?;
                 let (region, offset, count) = (cmd.region, cmd.offset, cmd.count);
+                self.check_region_access(region, offset, count)?;
 
-                if region as usize >= self.regions.len() {
-                    return Err(Error::InvalidInput);
+                if data.len() != count as usize {
+                    return Err(invalid_input(format_args!(
+                        "RegionWrite of {count} bytes carries {} bytes",
+                        data.len()
+                    )));
                 }
 
-                let mut data = vec![0u8; count as usize];
-                stream.read_exact(&mut data).map_err(Error::StreamRead)?;
                 backend
-                    .region_write(region, offset, &data)
+                    .region_write(region, offset, data)
                     .map_err(Error::Backend)?;
 
                 if header.no_reply() {
@@ -1428,59 +1420,216 @@ impl Server {
         Ok(())
     }
 
+    /// Checks a REGION_READ or REGION_WRITE against the region table and
+    /// the transfer size the server advertises.
+    fn check_region_access(&self, region: u32, offset: u64, count: u32) -> Result<(), Error> {
+        if region as usize >= self.regions.len() {
+            return Err(invalid_input(format_args!("no region {region}")));
+        }
+        if count > MAX_DATA_XFER_SIZE {
+            return Err(invalid_input(format_args!(
+                "access of {count} bytes exceeds max_data_xfer_size ({MAX_DATA_XFER_SIZE})"
+            )));
+        }
+        if offset.checked_add(u64::from(count)).is_none() {
+            return Err(invalid_input(format_args!(
+                "access of {count} bytes at {offset:#x} wraps around"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Serves one client: accepts a connection and handles its commands
+    /// until it disconnects.
+    ///
+    /// Returns `Ok` when the client closes the connection between two
+    /// messages. A malformed command gets an error reply and the
+    /// connection goes on; a message that cannot be framed (a size
+    /// smaller than its header or larger than the server accepts, a
+    /// message cut short) or a failing socket ends the connection with an
+    /// `Err`. Either way the server can `run` again for the next client.
     pub fn run(&self, backend: &mut dyn ServerBackend) -> Result<(), Error> {
-        let (mut stream, _) = self.listener.accept().map_err(Error::SocketAccept)?;
+        let (stream, _) = self.listener.accept().map_err(Error::SocketAccept)?;
+        let mut stream = Connection::new(stream);
 
         loop {
-            let mut header = Header::default();
-
-            // The maximum number of FDs that can be sent is 16 so that is
-            // also the maximum that can be received.
-            let mut fds = vec![0; 16];
-            let mut iovecs = vec![iovec {
-                iov_base: header.as_mut_slice().as_mut_ptr() as *mut c_void,
-                iov_len: header.as_mut_slice().len(),
-            }];
-            // SAFETY: Safe as the iovect is correctly initialised and fds is big enough
-            let (bytes, fds_received) = unsafe {
-                stream
-                    .recv_with_fds(&mut iovecs, &mut fds)
-                    .map_err(Error::ReceiveWithFd)?
-            };
-
-            // Other end closed connection
-            if bytes == 0 {
+            let Some((header, fds)) = stream.receive_header()? else {
                 info!("Connection closed");
                 break;
+            };
+
+            let size = header.message_size as usize;
+            if !(size_of::<Header>()..=MAX_MESSAGE_SIZE).contains(&size) {
+                error!(
+                    "Message {} (command {}) claims {size} bytes, outside {}..={MAX_MESSAGE_SIZE}: closing the connection",
+                    header.message_id,
+                    header.command,
+                    size_of::<Header>()
+                );
+                // Best effort: the stream cannot be resynchronised.
+                let _ = stream.write_all(error_reply(&header, EINVAL).as_slice());
+                return Err(Error::InvalidInput);
             }
+            let mut body = vec![0u8; size - size_of::<Header>()];
+            stream.read_exact(&mut body).map_err(Error::StreamRead)?;
 
-            fds.resize(fds_received, 0);
-
-            let fds: Vec<File> = fds
-                .iter()
-                // SAFETY: Safe as we have only valid FDs in the vector now
-                .map(|fd| unsafe { File::from_raw_fd(*fd) })
-                .collect();
-
-            if let Err(e) = self.handle_command(backend, &mut stream, header, fds) {
-                error!("Error handling command: {:?}: {e}", header.command);
-                let reply = Header {
-                    message_id: header.message_id,
-                    command: header.command,
-                    flags: HeaderFlags::Error as u32 | HeaderFlags::Reply as u32,
-                    message_size: size_of::<Header>() as u32,
-                    error: if matches!(e, Error::InvalidInput) {
-                        EINVAL as u32
-                    } else {
-                        0
-                    },
-                };
-                stream
-                    .write_all(reply.as_slice())
-                    .map_err(Error::StreamWrite)?;
+            match self.handle_command(backend, &mut stream, header, &body, fds) {
+                Ok(()) => {}
+                // The connection is broken, an error reply would not get through.
+                Err(e @ (Error::StreamWrite(_) | Error::SendWithFd(_))) => return Err(e),
+                Err(e) => {
+                    error!("Error handling command: {:?}: {e}", header.command);
+                    stream
+                        .write_all(error_reply(&header, errno(&e)).as_slice())
+                        .map_err(Error::StreamWrite)?;
+                }
             }
         }
 
+        Ok(())
+    }
+}
+
+/// The error reply to the command in `header`.
+fn error_reply(header: &Header, errno: i32) -> Header {
+    Header {
+        message_id: header.message_id,
+        command: header.command,
+        flags: HeaderFlags::Error as u32 | HeaderFlags::Reply as u32,
+        message_size: size_of::<Header>() as u32,
+        error: errno as u32,
+    }
+}
+
+/// The errno an error reply carries for `error`: never 0, which a client
+/// could take for success.
+fn errno(error: &Error) -> i32 {
+    match error {
+        Error::UnknownCommand(_) | Error::UnsupportedCommand(_) | Error::UnsupportedFeature => {
+            ENOTSUP
+        }
+        Error::Backend(e) => match e.raw_os_error() {
+            Some(errno) if errno > 0 => errno,
+            _ if e.kind() == ErrorKind::InvalidInput => EINVAL,
+            _ => EIO,
+        },
+        Error::InvalidInput
+        | Error::DeserializeCapabilites(_)
+        | Error::UnexpectedNoReply(_)
+        | Error::NotPciDevice => EINVAL,
+        _ => EIO,
+    }
+}
+
+/// Logs why a command is rejected, returning the error it gets.
+fn invalid_input(why: std::fmt::Arguments) -> Error {
+    warn!("Invalid command: {why}");
+    Error::InvalidInput
+}
+
+/// Splits a command structure `T` (a `Header` followed by the fixed part of
+/// the command) off the body of a message, returning it and the bytes that
+/// follow it.
+fn parse_command<T: ByteValued + Default>(
+    header: Header,
+    body: &[u8],
+) -> Result<(T, &[u8]), Error> {
+    let (fixed, rest) = body
+        .split_at_checked(size_of::<T>() - size_of::<Header>())
+        .ok_or_else(|| {
+            invalid_input(format_args!(
+                "command {} of {} bytes is shorter than its {} bytes",
+                header.command,
+                header.message_size,
+                size_of::<T>()
+            ))
+        })?;
+    let mut cmd = T::default();
+    let (cmd_header, cmd_fixed) = cmd.as_mut_slice().split_at_mut(size_of::<Header>());
+    cmd_header.copy_from_slice(header.as_slice());
+    cmd_fixed.copy_from_slice(fixed);
+    Ok((cmd, rest))
+}
+
+/// Checks that the `argsz` of a command `T` covers its fixed part.
+fn check_argsz<T>(command: Command, argsz: u32) -> Result<(), Error> {
+    let min = size_of::<T>() - size_of::<Header>();
+    if (argsz as usize) < min {
+        return Err(invalid_input(format_args!(
+            "{command:?} argsz {argsz} is below {min}"
+        )));
+    }
+    Ok(())
+}
+
+/// The server's end of a client connection.
+struct Connection {
+    stream: UnixStream,
+}
+
+impl Connection {
+    fn new(stream: UnixStream) -> Self {
+        Connection { stream }
+    }
+
+    /// Receives the header of the next message and the file descriptors
+    /// sent with it; `None` if the client closed the connection before it.
+    fn receive_header(&mut self) -> Result<Option<(Header, Vec<File>)>, Error> {
+        let mut header = Header::default();
+        let mut fds = [0; MAX_FDS];
+        let (bytes, fds_received) = loop {
+            let mut iovecs = [iovec {
+                iov_base: header.as_mut_slice().as_mut_ptr() as *mut c_void,
+                iov_len: header.as_mut_slice().len(),
+            }];
+            // SAFETY: the iovec covers exactly `header`, which outlives the
+            // call, and `fds` has room for MAX_FDS descriptors.
+            match unsafe { self.stream.recv_with_fds(&mut iovecs, &mut fds) } {
+                Err(e) if e.errno() == libc::EINTR => continue,
+                result => break result.map_err(Error::ReceiveWithFd)?,
+            }
+        };
+
+        let fds: Vec<File> = fds[..fds_received]
+            .iter()
+            // SAFETY: recv_with_fds() returned these descriptors, which
+            // nothing else owns.
+            .map(|fd| unsafe { File::from_raw_fd(*fd) })
+            .collect();
+
+        if bytes == 0 {
+            return Ok(None);
+        }
+        // A stream socket may deliver the header in pieces.
+        if bytes < size_of::<Header>() {
+            self.read_exact(&mut header.as_mut_slice()[bytes..])
+                .map_err(Error::StreamRead)?;
+        }
+        Ok(Some((header, fds)))
+    }
+
+    fn send_with_fd(&mut self, buf: &[u8], fd: RawFd) -> Result<(), Error> {
+        let sent = self
+            .stream
+            .send_with_fd(buf, fd)
+            .map_err(Error::SendWithFd)?;
+        // The descriptor went with the first byte, the rest may follow.
+        self.write_all(&buf[sent..]).map_err(Error::StreamWrite)
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&self.stream).read(buf)
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&self.stream).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -1627,6 +1776,443 @@ mod tests {
                     Err(CapabilityError::AreaCount { .. })
                 ));
             }
+        }
+    }
+
+    /// The server against a raw client that sends whatever bytes it likes.
+    mod server {
+        use super::*;
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::thread::JoinHandle;
+
+        const REGION_SIZE: u64 = 0x1000;
+
+        /// Answers reads with 0xab and records writes.
+        struct Backend {
+            writes: Vec<(u32, u64, Vec<u8>)>,
+        }
+
+        impl ServerBackend for Backend {
+            fn region_read(
+                &mut self,
+                _region: u32,
+                _offset: u64,
+                data: &mut [u8],
+            ) -> Result<(), std::io::Error> {
+                data.fill(0xab);
+                Ok(())
+            }
+            fn region_write(
+                &mut self,
+                region: u32,
+                offset: u64,
+                data: &[u8],
+            ) -> Result<(), std::io::Error> {
+                self.writes.push((region, offset, data.to_vec()));
+                Ok(())
+            }
+            fn dma_map(
+                &mut self,
+                _flags: DmaMapFlags,
+                _offset: u64,
+                _address: u64,
+                _size: u64,
+                _fd: Option<File>,
+            ) -> Result<(), std::io::Error> {
+                Ok(())
+            }
+            fn dma_unmap(
+                &mut self,
+                _flags: DmaUnmapFlags,
+                _address: u64,
+                _size: u64,
+            ) -> Result<(), std::io::Error> {
+                Ok(())
+            }
+            fn reset(&mut self) -> Result<(), std::io::Error> {
+                Ok(())
+            }
+            fn set_irqs(
+                &mut self,
+                _index: u32,
+                _flags: u32,
+                _start: u32,
+                _count: u32,
+                _fds: Vec<File>,
+            ) -> Result<(), std::io::Error> {
+                Ok(())
+            }
+        }
+
+        fn new_server() -> (Server, PathBuf) {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "vfio-user-test-{}-{}.sock",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let regions = (0..2)
+                .map(|index| ServerRegion {
+                    region_info: vfio_region_info {
+                        argsz: size_of::<vfio_region_info>() as u32,
+                        index,
+                        size: REGION_SIZE,
+                        flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
+                        ..Default::default()
+                    },
+                    sparse_areas: Vec::new(),
+                    mmap_fd: None,
+                })
+                .collect();
+            let irqs = vec![IrqInfo {
+                index: 0,
+                flags: VFIO_IRQ_INFO_EVENTFD,
+                count: 1,
+            }];
+            (Server::new(&path, true, irqs, regions).unwrap(), path)
+        }
+
+        /// A raw client connected to a server that serves it on a thread.
+        struct Peer {
+            stream: UnixStream,
+            server: JoinHandle<(Result<(), Error>, Backend)>,
+            next_id: u16,
+        }
+
+        impl Peer {
+            fn connect() -> Peer {
+                Self::connect_to(new_server())
+            }
+
+            fn connect_to((server, path): (Server, PathBuf)) -> Peer {
+                let stream = UnixStream::connect(&path).unwrap();
+                stream
+                    .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                    .unwrap();
+                let server = std::thread::spawn(move || {
+                    let mut backend = Backend { writes: Vec::new() };
+                    let result = server.run(&mut backend);
+                    (result, backend)
+                });
+                Peer {
+                    stream,
+                    server,
+                    next_id: 0,
+                }
+            }
+
+            fn header(&mut self, command: u16, message_size: u32) -> Header {
+                self.next_id += 1;
+                Header {
+                    message_id: self.next_id,
+                    command,
+                    message_size,
+                    ..Default::default()
+                }
+            }
+
+            /// The bytes of a well-framed message.
+            fn message(&mut self, command: Command, payload: &[u8]) -> Vec<u8> {
+                let size = (size_of::<Header>() + payload.len()) as u32;
+                let mut bytes = self.header(command as u16, size).as_slice().to_vec();
+                bytes.extend_from_slice(payload);
+                bytes
+            }
+
+            fn send(&mut self, command: Command, payload: &[u8]) {
+                let bytes = self.message(command, payload);
+                self.stream.write_all(&bytes).unwrap();
+            }
+
+            fn send_with_fds(&mut self, command: Command, payload: &[u8], fds: &[RawFd]) {
+                let bytes = self.message(command, payload);
+                let sent = self.stream.send_with_fds(&[&bytes[..]], fds).unwrap();
+                assert_eq!(sent, bytes.len());
+            }
+
+            /// The next reply: its header and the bytes after it.
+            fn reply(&mut self) -> (Header, Vec<u8>) {
+                let mut header = Header::default();
+                self.stream.read_exact(header.as_mut_slice()).unwrap();
+                assert_eq!(header.message_id, self.next_id, "reply out of sync");
+                let mut rest = vec![0; header.message_size as usize - size_of::<Header>()];
+                self.stream.read_exact(&mut rest).unwrap();
+                (header, rest)
+            }
+
+            /// Expects a successful reply, returning its payload.
+            fn ok(&mut self) -> Vec<u8> {
+                let (header, rest) = self.reply();
+                assert_eq!(header.flags, HeaderFlags::Reply as u32, "{header:?}");
+                rest
+            }
+
+            /// Expects an error reply, returning its errno.
+            fn error(&mut self) -> i32 {
+                let (header, rest) = self.reply();
+                assert_eq!(
+                    header.flags,
+                    HeaderFlags::Reply as u32 | HeaderFlags::Error as u32
+                );
+                assert!(rest.is_empty());
+                header.error as i32
+            }
+
+            fn version(&mut self) {
+                let mut payload = [0u16.to_ne_bytes(), 1u16.to_ne_bytes()].concat();
+                payload.extend_from_slice(b"{\"capabilities\":{}}\0");
+                self.send(Command::Version, &payload);
+                let reply = self.ok();
+                assert_eq!(reply.last(), Some(&0));
+            }
+
+            /// Closes the connection and returns what `Server::run` returned.
+            fn finish(self) -> (Result<(), Error>, Backend) {
+                drop(self.stream);
+                self.server.join().unwrap()
+            }
+
+            /// Waits for `Server::run` to end on its own.
+            fn server_result(self) -> Result<(), Error> {
+                let (result, _) = self.server.join().unwrap();
+                result
+            }
+        }
+
+        fn region_access(region: u32, offset: u64, count: u32) -> Vec<u8> {
+            let mut payload = offset.to_ne_bytes().to_vec();
+            payload.extend_from_slice(&region.to_ne_bytes());
+            payload.extend_from_slice(&count.to_ne_bytes());
+            payload
+        }
+
+        fn words(words: &[u32]) -> Vec<u8> {
+            words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+        }
+
+        fn dma_map(argsz: u32) -> Vec<u8> {
+            let mut payload = words(&[argsz, DmaMapFlags::READ_WRITE.bits()]);
+            for field in [0u64, 0x1000_0000, 0x1000] {
+                payload.extend_from_slice(&field.to_ne_bytes());
+            }
+            payload
+        }
+
+        #[test]
+        fn version_without_nul_is_refused_and_the_connection_goes_on() {
+            let mut peer = Peer::connect();
+            let mut payload = [0u16.to_ne_bytes(), 1u16.to_ne_bytes()].concat();
+            payload.extend_from_slice(b"{\"capabilities\":{}}");
+            peer.send(Command::Version, &payload);
+            assert_eq!(peer.error(), EINVAL);
+            peer.version();
+            assert!(peer.finish().0.is_ok());
+        }
+
+        #[test]
+        fn bad_version_data_is_refused() {
+            let mut peer = Peer::connect();
+            let version = [0u16.to_ne_bytes(), 1u16.to_ne_bytes()].concat();
+            for data in [
+                &b"\xff\xfe\0"[..],
+                b"not json\0",
+                b"{\"capabilities\":{}}\0\0",
+                b"{\"capabilities\":{\"max_msg_fds\":-1}}\0",
+                b"\0",
+            ] {
+                peer.send(Command::Version, &[&version[..], data].concat());
+                assert_eq!(peer.error(), EINVAL, "{data:?}");
+            }
+            // Shorter than a VERSION message.
+            peer.send(Command::Version, &[1, 2]);
+            assert_eq!(peer.error(), EINVAL);
+            // No version data at all: the capabilities are optional.
+            peer.send(Command::Version, &version);
+            peer.ok();
+            assert!(peer.finish().0.is_ok());
+        }
+
+        #[test]
+        fn size_smaller_than_a_header_ends_the_connection() {
+            let mut peer = Peer::connect();
+            peer.version();
+            let header = peer.header(Command::DeviceReset as u16, 8);
+            peer.stream.write_all(header.as_slice()).unwrap();
+            assert_eq!(peer.error(), EINVAL);
+            assert!(matches!(peer.server_result(), Err(Error::InvalidInput)));
+        }
+
+        #[test]
+        fn enormous_size_ends_the_connection_without_allocating() {
+            let mut peer = Peer::connect();
+            peer.version();
+            let header = peer.header(Command::RegionWrite as u16, u32::MAX);
+            peer.stream.write_all(header.as_slice()).unwrap();
+            assert_eq!(peer.error(), EINVAL);
+            assert!(matches!(peer.server_result(), Err(Error::InvalidInput)));
+        }
+
+        #[test]
+        fn half_a_header_then_eof_ends_the_connection() {
+            let mut peer = Peer::connect();
+            peer.version();
+            let header = peer.header(Command::DeviceReset as u16, 16);
+            peer.stream.write_all(&header.as_slice()[..8]).unwrap();
+            peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+            assert!(matches!(peer.server_result(), Err(Error::StreamRead(_))));
+        }
+
+        #[test]
+        fn header_in_pieces_is_reassembled() {
+            let mut peer = Peer::connect();
+            peer.version();
+            let header = peer.header(Command::DeviceReset as u16, 16);
+            peer.stream.write_all(&header.as_slice()[..5]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            peer.stream.write_all(&header.as_slice()[5..]).unwrap();
+            peer.ok();
+            assert!(peer.finish().0.is_ok());
+        }
+
+        #[test]
+        fn message_cut_short_ends_the_connection() {
+            let mut peer = Peer::connect();
+            peer.version();
+            let header = peer.header(Command::RegionWrite as u16, 100);
+            peer.stream.write_all(header.as_slice()).unwrap();
+            peer.stream.write_all(&[0; 10]).unwrap();
+            peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+            assert!(matches!(peer.server_result(), Err(Error::StreamRead(_))));
+        }
+
+        #[test]
+        fn region_accesses_are_checked_and_bounded() {
+            let mut peer = Peer::connect();
+            peer.version();
+            for (region, offset, count) in [
+                (0, 0, u32::MAX),
+                (0, 0, MAX_DATA_XFER_SIZE + 1),
+                (2, 0, 4),
+                (u32::MAX, 0, 4),
+                (0, u64::MAX - 1, 4),
+            ] {
+                peer.send(Command::RegionRead, &region_access(region, offset, count));
+                assert_eq!(peer.error(), EINVAL, "{region} {offset} {count}");
+            }
+            // A write whose count is not the data it carries.
+            for data_len in [0, 3, 5] {
+                let mut payload = region_access(1, 0, 4);
+                payload.extend_from_slice(&vec![7; data_len]);
+                peer.send(Command::RegionWrite, &payload);
+                assert_eq!(peer.error(), EINVAL, "{data_len}");
+            }
+            // A write of u32::MAX bytes that carries none.
+            peer.send(Command::RegionWrite, &region_access(1, 0, u32::MAX));
+            assert_eq!(peer.error(), EINVAL);
+            // Shorter than a region access.
+            peer.send(Command::RegionRead, &[0; 8]);
+            assert_eq!(peer.error(), EINVAL);
+
+            // The largest read and write the server advertises go through.
+            peer.send(
+                Command::RegionRead,
+                &region_access(0, 0, MAX_DATA_XFER_SIZE),
+            );
+            let reply = peer.ok();
+            assert_eq!(reply.len(), 16 + MAX_DATA_XFER_SIZE as usize);
+            assert!(reply[16..].iter().all(|b| *b == 0xab));
+            let mut payload = region_access(1, 8, MAX_DATA_XFER_SIZE);
+            payload.extend_from_slice(&vec![7; MAX_DATA_XFER_SIZE as usize]);
+            peer.send(Command::RegionWrite, &payload);
+            assert_eq!(peer.ok(), region_access(1, 8, MAX_DATA_XFER_SIZE));
+
+            let (result, backend) = peer.finish();
+            assert!(result.is_ok());
+            assert_eq!(backend.writes.len(), 1);
+            assert_eq!(backend.writes[0].2.len(), MAX_DATA_XFER_SIZE as usize);
+        }
+
+        #[test]
+        fn info_indexes_and_argsz_are_checked() {
+            let mut peer = Peer::connect();
+            peer.version();
+            let region_info = |argsz: u32, index: u32| words(&[argsz, 0, index, 0, 0, 0, 0, 0]);
+            peer.send(Command::DeviceGetRegionInfo, &region_info(32, 2));
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::DeviceGetRegionInfo, &region_info(31, 0));
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::DeviceGetRegionInfo, &region_info(32, 1));
+            peer.ok();
+            peer.send(Command::GetIrqInfo, &words(&[16, 0, 1, 0]));
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::GetIrqInfo, &words(&[16, 0, u32::MAX, 0]));
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::GetIrqInfo, &words(&[0, 0, 0, 0]));
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::GetIrqInfo, &words(&[16, 0, 0, 0]));
+            peer.ok();
+            peer.send(Command::DeviceGetInfo, &words(&[4, 0, 0, 0]));
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::DmaMap, &dma_map(8));
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::DmaUnmap, &words(&[24, 0]));
+            assert_eq!(peer.error(), EINVAL);
+            assert!(peer.finish().0.is_ok());
+        }
+
+        #[test]
+        fn file_descriptors_are_checked() {
+            let null = File::open("/dev/null").unwrap();
+            let fd = null.as_raw_fd();
+            let mut peer = Peer::connect();
+            peer.version();
+            // DMA_MAP takes at most one descriptor.
+            peer.send_with_fds(Command::DmaMap, &dma_map(32), &[fd, fd]);
+            assert_eq!(peer.error(), EINVAL);
+            peer.send_with_fds(Command::DmaMap, &dma_map(32), &[fd]);
+            peer.ok();
+            peer.send(Command::DmaMap, &dma_map(32));
+            peer.ok();
+            // SET_IRQS: at most one eventfd per interrupt, within the index.
+            let trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+            peer.send_with_fds(Command::SetIrqs, &words(&[20, trigger, 0, 0, 1]), &[fd, fd]);
+            assert_eq!(peer.error(), EINVAL);
+            peer.send_with_fds(Command::SetIrqs, &words(&[20, trigger, 0, 1, 1]), &[fd]);
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::SetIrqs, &words(&[20, trigger, 0, u32::MAX, 2]));
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::SetIrqs, &words(&[20, trigger, 1, 0, 1]));
+            assert_eq!(peer.error(), EINVAL);
+            let none = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;
+            peer.send_with_fds(Command::SetIrqs, &words(&[20, none, 0, 0, 1]), &[fd]);
+            assert_eq!(peer.error(), EINVAL);
+            peer.send_with_fds(Command::SetIrqs, &words(&[20, trigger, 0, 0, 1]), &[fd]);
+            peer.ok();
+            peer.send(Command::SetIrqs, &words(&[20, none, 0, 0, 0]));
+            peer.ok();
+            // Commands that take none.
+            peer.send_with_fds(Command::RegionRead, &region_access(0, 0, 4), &[fd]);
+            assert_eq!(peer.error(), EINVAL);
+            assert!(peer.finish().0.is_ok());
+        }
+
+        #[test]
+        fn unknown_commands_are_refused_and_skipped() {
+            let mut peer = Peer::connect();
+            peer.version();
+            for command in [0u16, 6, 11, 14, 15, 0x7777, u16::MAX] {
+                let mut bytes = peer.header(command, 24).as_slice().to_vec();
+                bytes.extend_from_slice(&[0xff; 8]);
+                peer.stream.write_all(&bytes).unwrap();
+                assert_eq!(peer.error(), ENOTSUP, "{command}");
+            }
+            // A reset with trailing bytes, and the stream is still in step.
+            peer.send(Command::DeviceReset, &[1, 2, 3]);
+            peer.ok();
+            peer.send(Command::RegionRead, &region_access(0, 0, 4));
+            assert_eq!(peer.ok()[16..], [0xab; 4]);
+            assert!(peer.finish().0.is_ok());
         }
     }
 }
