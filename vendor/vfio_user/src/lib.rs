@@ -17,6 +17,7 @@ use std::os::unix::{
     net::{UnixListener, UnixStream},
 };
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::*;
 use vm_memory::{ByteValued, FileOffset};
@@ -108,6 +109,11 @@ const MAX_MESSAGE_SIZE: usize = size_of::<RegionAccess>() + MAX_DATA_XFER_SIZE a
 
 /// The most file descriptors the server receives with one message.
 const MAX_FDS: usize = 16;
+
+/// How long a client has, from the moment the server accepts its
+/// connection, to complete the VERSION exchange unless
+/// [`Server::set_handshake_timeout`] says otherwise.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[inline(always)]
 fn pagesize() -> u32 {
@@ -937,6 +943,7 @@ pub struct Server {
     resettable: bool,
     irqs: Vec<IrqInfo>,
     regions: Vec<ServerRegion>,
+    handshake_timeout: Option<Duration>,
 }
 
 impl Server {
@@ -958,6 +965,7 @@ impl Server {
             resettable,
             irqs,
             regions,
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
         })
     }
 
@@ -975,7 +983,22 @@ impl Server {
             resettable,
             irqs,
             regions,
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
         }
+    }
+
+    /// Sets how long a client has, from the moment [`Server::run`] accepts
+    /// its connection, to complete the VERSION exchange, the first message
+    /// of the protocol: [`DEFAULT_HANDSHAKE_TIMEOUT`] unless set. `None`
+    /// waits for ever.
+    ///
+    /// A client that connects and then sends nothing, or part of a
+    /// message, would otherwise hold the server, which serves one client
+    /// at a time, for as long as it likes. Once the VERSION exchange is
+    /// done the connection has no timeout: a VMM may leave its device
+    /// alone for hours.
+    pub fn set_handshake_timeout(&mut self, timeout: Option<Duration>) {
+        self.handshake_timeout = timeout;
     }
 
     fn handle_command(
@@ -1446,12 +1469,25 @@ impl Server {
     /// messages. A malformed command gets an error reply and the
     /// connection goes on; a message that cannot be framed (a size
     /// smaller than its header or larger than the server accepts, a
-    /// message cut short) or a failing socket ends the connection with an
+    /// message cut short), a failing socket, or a client that has not
+    /// completed the VERSION exchange within the handshake timeout (see
+    /// [`Server::set_handshake_timeout`]) ends the connection with an
     /// `Err`. Either way the server can `run` again for the next client.
+    /// Commands before a successful VERSION are refused.
     pub fn run(&self, backend: &mut dyn ServerBackend) -> Result<(), Error> {
         let (stream, _) = self.listener.accept().map_err(Error::SocketAccept)?;
-        let mut stream = Connection::new(stream);
+        let mut stream = Connection::new(stream, self.handshake_timeout);
+        let result = self.serve(backend, &mut stream);
+        if result.is_err() && stream.deadline.is_some_and(|d| Instant::now() >= d) {
+            warn!(
+                "Client did not complete the VERSION exchange within {:?}",
+                self.handshake_timeout.unwrap_or_default()
+            );
+        }
+        result
+    }
 
+    fn serve(&self, backend: &mut dyn ServerBackend, stream: &mut Connection) -> Result<(), Error> {
         loop {
             let Some((header, fds)) = stream.receive_header()? else {
                 info!("Connection closed");
@@ -1473,8 +1509,20 @@ impl Server {
             let mut body = vec![0u8; size - size_of::<Header>()];
             stream.read_exact(&mut body).map_err(Error::StreamRead)?;
 
-            match self.handle_command(backend, &mut stream, header, &body, fds) {
-                Ok(()) => {}
+            let result = if !stream.handshake_done && header.command != Command::Version as u16 {
+                Err(invalid_input(format_args!(
+                    "command {} before the VERSION exchange",
+                    header.command
+                )))
+            } else {
+                self.handle_command(backend, stream, header, &body, fds)
+            };
+            match result {
+                Ok(()) => {
+                    if header.command == Command::Version as u16 {
+                        stream.handshake_done().map_err(Error::StreamRead)?;
+                    }
+                }
                 // The connection is broken, an error reply would not get through.
                 Err(e @ (Error::StreamWrite(_) | Error::SendWithFd(_))) => return Err(e),
                 Err(e) => {
@@ -1565,11 +1613,54 @@ fn check_argsz<T>(command: Command, argsz: u32) -> Result<(), Error> {
 /// The server's end of a client connection.
 struct Connection {
     stream: UnixStream,
+    /// When the VERSION exchange must be over; `None` once it is, or if it
+    /// may take for ever.
+    deadline: Option<Instant>,
+    /// Whether the VERSION exchange is over.
+    handshake_done: bool,
 }
 
 impl Connection {
-    fn new(stream: UnixStream) -> Self {
-        Connection { stream }
+    fn new(stream: UnixStream, handshake_timeout: Option<Duration>) -> Self {
+        Connection {
+            stream,
+            deadline: handshake_timeout.map(|timeout| Instant::now() + timeout),
+            handshake_done: false,
+        }
+    }
+
+    /// Bounds the next socket operation by what is left of the handshake
+    /// deadline, so that trickling bytes cannot extend it.
+    fn arm(&self) -> std::io::Result<()> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(handshake_timed_out());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.set_write_timeout(Some(left))
+    }
+
+    /// The VERSION exchange succeeded: from now on the client may take as
+    /// long as it likes.
+    fn handshake_done(&mut self) -> std::io::Result<()> {
+        self.handshake_done = true;
+        if self.deadline.take().is_some() {
+            self.stream.set_read_timeout(None)?;
+            self.stream.set_write_timeout(None)?;
+        }
+        Ok(())
+    }
+
+    /// Turns a socket timeout during the handshake into `TimedOut`.
+    fn timed_out(&self, e: std::io::Error) -> std::io::Error {
+        if self.deadline.is_some() && e.kind() == ErrorKind::WouldBlock {
+            handshake_timed_out()
+        } else {
+            e
+        }
     }
 
     /// Receives the header of the next message and the file descriptors
@@ -1582,6 +1673,7 @@ impl Connection {
                 iov_base: header.as_mut_slice().as_mut_ptr() as *mut c_void,
                 iov_len: header.as_mut_slice().len(),
             }];
+            self.arm().map_err(Error::StreamRead)?;
             // SAFETY: the iovec covers exactly `header`, which outlives the
             // call, and `fds` has room for MAX_FDS descriptors.
             match unsafe { self.stream.recv_with_fds(&mut iovecs, &mut fds) } {
@@ -1609,6 +1701,7 @@ impl Connection {
     }
 
     fn send_with_fd(&mut self, buf: &[u8], fd: RawFd) -> Result<(), Error> {
+        self.arm().map_err(Error::StreamWrite)?;
         let sent = self
             .stream
             .send_with_fd(buf, fd)
@@ -1618,15 +1711,21 @@ impl Connection {
     }
 }
 
+fn handshake_timed_out() -> std::io::Error {
+    std::io::Error::new(ErrorKind::TimedOut, "VERSION exchange timed out")
+}
+
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        (&self.stream).read(buf)
+        self.arm()?;
+        (&self.stream).read(buf).map_err(|e| self.timed_out(e))
     }
 }
 
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        (&self.stream).write(buf)
+        self.arm()?;
+        (&self.stream).write(buf).map_err(|e| self.timed_out(e))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -2212,6 +2311,101 @@ mod tests {
             peer.ok();
             peer.send(Command::RegionRead, &region_access(0, 0, 4));
             assert_eq!(peer.ok()[16..], [0xab; 4]);
+            assert!(peer.finish().0.is_ok());
+        }
+
+        fn connect_with_timeout(timeout: Option<std::time::Duration>) -> Peer {
+            let (mut server, path) = new_server();
+            server.set_handshake_timeout(timeout);
+            Peer::connect_to((server, path))
+        }
+
+        #[test]
+        fn silent_client_is_dropped_after_the_handshake_timeout() {
+            let timeout = std::time::Duration::from_millis(200);
+            let start = std::time::Instant::now();
+            let peer = connect_with_timeout(Some(timeout));
+            assert!(peer.server_result().is_err());
+            let took = start.elapsed();
+            assert!(took >= timeout && took < timeout * 10, "{took:?}");
+        }
+
+        #[test]
+        fn trickled_version_cannot_extend_the_handshake() {
+            let timeout = std::time::Duration::from_millis(300);
+            let start = std::time::Instant::now();
+            let mut peer = connect_with_timeout(Some(timeout));
+            let mut payload = [0u16.to_ne_bytes(), 1u16.to_ne_bytes()].concat();
+            payload.extend_from_slice(b"{\"capabilities\":{}}\0");
+            let bytes = peer.message(Command::Version, &payload);
+            let mut stream = peer.stream.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                for byte in bytes {
+                    if stream.write_all(&[byte]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            });
+            assert!(peer.server_result().is_err());
+            let took = start.elapsed();
+            assert!(took >= timeout && took < timeout * 5, "{took:?}");
+            writer.join().unwrap();
+        }
+
+        #[test]
+        fn client_that_never_reads_cannot_extend_the_handshake() {
+            let timeout = std::time::Duration::from_millis(500);
+            let start = std::time::Instant::now();
+            let mut peer = connect_with_timeout(Some(timeout));
+            // Commands before VERSION, each refused with a reply nobody reads.
+            let bytes: Vec<u8> = (0..100_000)
+                .flat_map(|_| peer.message(Command::DeviceReset, &[]))
+                .collect();
+            let mut stream = peer.stream.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                let _ = stream.write_all(&bytes);
+            });
+            assert!(peer.server_result().is_err());
+            let took = start.elapsed();
+            assert!(took >= timeout && took < timeout * 10, "{took:?}");
+            writer.join().unwrap();
+        }
+
+        #[test]
+        fn commands_before_version_are_refused() {
+            let mut peer = Peer::connect();
+            peer.send(Command::DeviceReset, &[]);
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::RegionRead, &region_access(0, 0, 4));
+            assert_eq!(peer.error(), EINVAL);
+            // A failed VERSION does not complete the exchange.
+            peer.send(Command::Version, &[0, 0, 1, 0, b'x']);
+            assert_eq!(peer.error(), EINVAL);
+            peer.send(Command::DeviceReset, &[]);
+            assert_eq!(peer.error(), EINVAL);
+            peer.version();
+            peer.send(Command::DeviceReset, &[]);
+            peer.ok();
+            assert!(peer.finish().0.is_ok());
+        }
+
+        #[test]
+        fn no_timeout_once_the_handshake_is_done() {
+            let timeout = std::time::Duration::from_millis(100);
+            let mut peer = connect_with_timeout(Some(timeout));
+            peer.version();
+            std::thread::sleep(timeout * 4);
+            peer.send(Command::RegionRead, &region_access(0, 0, 4));
+            assert_eq!(peer.ok()[16..], [0xab; 4]);
+            assert!(peer.finish().0.is_ok());
+        }
+
+        #[test]
+        fn handshake_may_take_for_ever_without_a_timeout() {
+            let mut peer = connect_with_timeout(None);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            peer.version();
             assert!(peer.finish().0.is_ok());
         }
     }
