@@ -159,8 +159,11 @@ fn run(cli: Cli) -> Result<()> {
         MountOption::DefaultPermissions,
         MountOption::RW,
     ];
-    // allow_other: the device model or QEMU may run as another user than the harness.
-    options.acl = SessionACL::All;
+    // allow_other: the device model or QEMU may run as another user than the harness. Only
+    // as root: for anyone else fusermount3 refuses it unless /etc/fuse.conf has
+    // user_allow_other.
+    options.acl =
+        if rustix::process::geteuid().is_root() { SessionACL::All } else { SessionACL::Owner };
     options.n_threads = Some(usize::from(cli.threads));
     options.clone_fd = true;
     let mut session = Session::new(fs, &mountpoint, &options)
