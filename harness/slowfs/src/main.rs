@@ -71,11 +71,11 @@ fn main() {
     }
 }
 
-/// Folds clap's multi-line message into one line, dropping its usage block.
+/// Folds clap's multi-line message into one line, dropping its usage block and `--help` tip.
 fn one_line(message: &str) -> String {
     message
         .lines()
-        .take_while(|l| !l.starts_with("Usage:"))
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
