@@ -21,6 +21,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod scenario;
 pub mod serial;
+pub mod slowfs;
 pub mod verify;
 pub mod vm;
 
