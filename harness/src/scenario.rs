@@ -70,6 +70,9 @@ pub struct Scenario {
     pub reboots: u32,
     /// Guest RAM in MiB (at most 2048, so that it all sits below the PCI hole).
     pub memory_mb: u32,
+    /// How long the dumps may take to be complete on the host once the guest has halted (a
+    /// slow disk needs longer).
+    pub dump_timeout: Duration,
 }
 
 impl Scenario {
@@ -86,6 +89,7 @@ impl Scenario {
             misbehave: Vec::new(),
             reboots: 0,
             memory_mb: 128,
+            dump_timeout: Duration::from_secs(60),
         }
     }
 
@@ -358,7 +362,7 @@ pub fn complete_with(
         r.qmp.inject_nmi().with_context(|| format!("QMP inject-nmi\n{}", r.logs()))?;
     }
     r.wait_serial("HALT", 1, CRASH_TIMEOUT)?;
-    let found = r.wait_dumps(scenario.dumps_expected(), Duration::from_secs(60))?;
+    let found = r.wait_dumps(scenario.dumps_expected(), scenario.dump_timeout)?;
     ensure!(
         found.len() == scenario.dumps_expected(),
         "{} dumps on the host, expected {}",
@@ -448,6 +452,14 @@ pub fn check(
         crashmon_dump_writer::find_secondary_blob(&bytes, &DRIVER_GUID)
             .context("no driver block in the dump")?;
     }
+    // The driver's own view: the card took the whole dump and said COMPLETE, with no refusal.
+    let driver = boot.first("DRIVER SESSION").context("no DRIVER SESSION line")?;
+    ensure!(
+        driver.fields.get("complete").map(String::as_str) == Some("1")
+            && driver.fields.get("error").map(String::as_str) == Some("none"),
+        "the guest's driver reported: {}",
+        driver.text
+    );
     ensure!(
         boot.dump_bytes() == Some(verified.dump_bytes),
         "the guest wrote {:?} bytes, the host has {}",
