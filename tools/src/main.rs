@@ -144,7 +144,8 @@ fn render_inspection(i: &Inspection) -> String {
     let mut s = format!("file                   {} ({} bytes)\n", i.file, i.file_size);
     match (&i.header, &i.parse_error) {
         (Some(h), _) => {
-            let name = |n: &Option<String>| n.clone().unwrap_or_else(|| "(unknown)".into());
+            let name =
+                |n: &Option<String>| n.clone().unwrap_or_else(|| "(unknown bug check)".into());
             s += &format!("signature              {}\n", h.signature);
             s += &format!("dump type              {} ({})\n", h.dump_type, h.dump_type_name);
             s += &format!("version                {}.{}\n", h.major_version, h.minor_version);

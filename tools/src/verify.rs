@@ -53,20 +53,14 @@ pub fn verify(located: &Located) -> Result<Vec<Check>, ToolError> {
     let file_size = data.len() as u64;
     let sidecar = match &located.sidecar {
         Some(Ok(s)) => {
-            checks.push(Check::new(
-                "sidecar",
-                true,
-                format!(
-                    "{} ({}, {:?})",
-                    located
-                        .sidecar_path
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                    s.vm_name,
-                    s.state
-                ),
-            ));
+            let name = located
+                .sidecar_path
+                .as_ref()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let state = format!("{:?}", s.state).to_lowercase();
+            checks.push(Check::new("sidecar", true, format!("{name} (VM {}, {state})", s.vm_name)));
             Some(s)
         }
         Some(Err(e)) => {
