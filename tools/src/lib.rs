@@ -24,13 +24,12 @@ pub enum ToolError {
     #[error("{0}: no such file")]
     NoSuchFile(PathBuf),
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// Which file.
         path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
+        /// Why (part of the message, not a chained source, so that it is said once).
+        error: std::io::Error,
     },
     /// A `.json` file is not a crashmon sidecar.
     #[error("{path} is not a crashmon sidecar: {message}")]
@@ -70,8 +69,8 @@ pub enum ToolError {
 
 impl ToolError {
     /// An I/O error on `path`.
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_owned(), source }
+    pub fn io(path: &Path, error: std::io::Error) -> Self {
+        Self::Io { path: path.to_owned(), error }
     }
 
     /// Whether the error is the user's input rather than the dump's (exit status 2).

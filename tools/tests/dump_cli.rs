@@ -570,7 +570,9 @@ fn bad_input_gets_one_line_and_a_non_zero_status() {
     for t in [DRIVER_TAG, BIG_TAG, EMPTY_TAG] {
         assert!(stderr(&o).contains(t), "{t} listed in {}", stderr(&o));
     }
-    assert_eq!(one_line(&tool(&["list", "/nonexistent-dir"])), Some(1));
+    let o = tool(&["list", "/nonexistent-dir"]);
+    assert_eq!(one_line(&o), Some(1));
+    assert_eq!(stderr(&o).matches("No such file").count(), 1, "said once: {}", stderr(&o));
     std::fs::write(dir.path().join("x.json"), "{}").unwrap();
     assert_eq!(one_line(&tool(&["inspect", s(&dir.path().join("x.json"))])), Some(1));
     assert!(tool(&["--help"]).status.success());
