@@ -131,8 +131,7 @@ impl Crash {
 
 /// Runs one crash through the real card into `dir` and returns what the capture left there.
 fn capture(dir: &Path, vm: &str, crash: Crash) -> Finished {
-    let config =
-        CaptureConfig { output_dir: dir.to_owned(), vm_name: vm.into(), max_dump_size: 1 << 30 };
+    let config = CaptureConfig::new(dir, vm, 1 << 30);
     let bus = Bus(RefCell::new(CrashMonitorCard::new(config, DataWindow::new().unwrap())));
     let mut card = Card::probe(&bus).unwrap();
     card.reset();
@@ -520,11 +519,7 @@ fn list_shows_incomplete_and_streaming_dumps_and_skips_foreign_files() {
 #[test]
 fn a_dump_still_streaming_is_listed_as_such() {
     let dir = tempfile::tempdir().unwrap();
-    let config = CaptureConfig {
-        output_dir: dir.path().to_owned(),
-        vm_name: "live".into(),
-        max_dump_size: 1 << 30,
-    };
+    let config = CaptureConfig::new(dir.path(), "live", 1 << 30);
     let bus = Bus(RefCell::new(CrashMonitorCard::new(config, DataWindow::new().unwrap())));
     let mut card = Card::probe(&bus).unwrap();
     card.reset();
