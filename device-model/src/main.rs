@@ -200,6 +200,22 @@ fn check_socket_path(socket: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Listens on `socket`, which appears only once it accepts connections: the listener is bound
+/// under a temporary name in the same folder and renamed into place, so QEMU (or anything
+/// waiting for the path to exist) never finds a socket that refuses it.
+fn listen(socket: &Path) -> Result<std::os::unix::net::UnixListener> {
+    let name = socket.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = socket.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)
+        .map_err(|e| anyhow!("cannot listen on {}: {}", socket.display(), io_cause(&e)))?;
+    if let Err(e) = fs::rename(&tmp, socket) {
+        let _ = fs::remove_file(&tmp);
+        bail!("cannot listen on {}: {}", socket.display(), io_cause(&e));
+    }
+    Ok(listener)
+}
+
 /// How long the exit path waits for the last events to be written.
 const EVENTS_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -247,14 +263,8 @@ fn run(cli: Cli) -> Result<()> {
     };
     let window = DataWindow::new().context("cannot create the data window (memfd)")?;
     let card: SharedCard = Arc::new(Mutex::new(CrashMonitorCard::new(config, window)));
-    let server =
-        Server::new(&cli.socket, true, vfio::irqs(), vfio::regions(&card)).map_err(|e| {
-            // The crate's error repeats its io::Error's text; say it once.
-            let cause = std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<std::io::Error>())
-                .map_or_else(|| e.to_string(), io_cause);
-            anyhow!("cannot listen on {}: {cause}", cli.socket.display())
-        })?;
+    let listener = listen(&cli.socket)?;
+    let server = Server::from_owned_fd(listener.into(), true, vfio::irqs(), vfio::regions(&card));
     spawn_signal_handler(card.clone(), cli.socket.clone())?;
     // Partial dumps left by a device model that was killed are closed in the background: hashing
     // them reads whole files, and the socket must be there for QEMU at once.
