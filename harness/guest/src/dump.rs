@@ -31,7 +31,7 @@ use crashmon_dump_writer::{
 use crate::boot::{self, BootInfo};
 use crate::global::Global;
 use crate::trap::TrapFrame;
-use crate::{cmos, println};
+use crate::{cmos, gdt, println};
 
 /// Full or bitmap dump (`dump=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,8 +154,8 @@ fn context_of(f: &TrapFrame) -> Context {
     c.flt_save.mx_csr = mxcsr;
     c.seg_cs = f.cs as u16;
     c.seg_ss = f.ss as u16;
-    c.seg_ds = boot::KERNEL_DS;
-    c.seg_es = boot::KERNEL_DS;
+    c.seg_ds = gdt::KERNEL_DS;
+    c.seg_es = gdt::KERNEL_DS;
     c.eflags = f.rflags as u32;
     (c.rax, c.rbx, c.rcx, c.rdx) = (f.rax, f.rbx, f.rcx, f.rdx);
     (c.rsi, c.rdi, c.rbp, c.rsp) = (f.rsi, f.rdi, f.rbp, f.rsp);

@@ -4,7 +4,7 @@
 //! [`TrapFrame`] ([`crate::trap`]) and calls [`dispatch`], which turns the exception into
 //! Windows' bug-check code and parameters and hands them to [`crate::bugcheck`]. Every one of
 //! them, NMI included, runs on an IST stack (IST1 NMI, IST2 #DF, IST3 #MC, IST4 everything
-//! else), whose addresses go into the TSS ([`boot::init_gdt`]), so the CPU switches stacks before
+//! else), whose addresses go into the TSS ([`gdt::init_gdt`]), so the CPU switches stacks before
 //! it pushes anything: the red zone of the interrupted code, which the prebuilt `core` may use
 //! even though this crate is built with `-C no-redzone`, is never overwritten.
 //!
@@ -16,8 +16,9 @@
 use core::arch::{asm, global_asm};
 use core::mem::size_of;
 
-use crate::boot::{self, Stack, KERNEL_CS};
+use crate::boot::{self, Stack};
 use crate::codes::{self, status};
+use crate::gdt::{self, KERNEL_CS};
 use crate::global::Global;
 use crate::trap::TrapFrame;
 use crate::{bugcheck, cpu};
@@ -146,7 +147,7 @@ pub fn init() {
         let top = |i: usize| stacks.add(i) as u64 + IST_STACK_SIZE as u64;
         [top(0), top(1), top(2), top(3), 0, 0, 0]
     };
-    boot::init_gdt(ist_tops);
+    gdt::init_gdt(ist_tops);
     // SAFETY: boot time; nothing reads the IDT until lidt below.
     let idt = unsafe { IDT.as_mut() };
     for vector in 0..32 {

@@ -20,7 +20,7 @@
 //! * [`callbacks`]: `KeRegisterBugCheck(Reason)Callback` and friends: the callback records
 //! * [`services`]: pool, spin lock, wait, IRQL (refused at HIGH_LEVEL)
 //! * [`violations`]: what a callback did at HIGH_LEVEL that it must not, and the report of it
-//! * [`boot`]: PVH entry, long mode, paging, GDT/TSS
+//! * [`boot`]: PVH entry, long mode, paging; [`gdt`]: the GDT and the TSS
 //! * [`trap`]: the saved registers of the crashing processor
 //! * [`serial`], [`cmos`], [`cpu`]: the COM1 log; the clock and boot counter; port I/O and
 //!   privileged instructions
@@ -35,6 +35,7 @@ pub mod cmos;
 pub mod codes;
 pub mod cpu;
 pub mod dump;
+pub mod gdt;
 pub mod global;
 pub mod interrupts;
 pub mod misbehave;
