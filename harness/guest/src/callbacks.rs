@@ -69,6 +69,29 @@ unsafe fn remove_entry(entry: *mut LIST_ENTRY) {
     }
 }
 
+/// Runs `f` under `KeBugCheckCallbackLock` and returns its answer as a `BOOLEAN`; FALSE if the
+/// lock is refused (above DISPATCH_LEVEL, or already held).
+fn under_lock(f: impl FnOnce() -> bool) -> BOOLEAN {
+    let Some(old) = LIST_LOCK.acquire() else { return FALSE };
+    let done = f();
+    LIST_LOCK.release(old);
+    done as BOOLEAN
+}
+
+/// Takes a registered record out of its list: false if its `State` says it is not registered.
+///
+/// # Safety
+/// `entry` and `state` belong to one valid record; the caller holds the lock.
+unsafe fn remove_record(entry: *mut LIST_ENTRY, state: &mut UCHAR) -> bool {
+    if *state as i32 != BufferInserted {
+        return false;
+    }
+    // SAFETY: an inserted record is in a list (caller's promise for the rest).
+    unsafe { remove_entry(entry) };
+    *state = BufferEmpty as UCHAR;
+    true
+}
+
 fn reason_checksum(routine: usize, reason: KBUGCHECK_CALLBACK_REASON, component: PUCHAR) -> usize {
     routine.wrapping_add(reason as usize).wrapping_add(component as usize)
 }
@@ -92,24 +115,21 @@ pub unsafe fn KeRegisterBugCheckReasonCallback(
     Reason: KBUGCHECK_CALLBACK_REASON,
     Component: PUCHAR,
 ) -> BOOLEAN {
-    let Some(old) = LIST_LOCK.acquire() else { return FALSE };
-    // SAFETY: caller's promise; the lock serialises list changes.
-    let registered = unsafe {
-        let record = &mut *CallbackRecord;
+    // SAFETY: caller's promise.
+    let record = unsafe { &mut *CallbackRecord };
+    under_lock(|| {
         if record.State as i32 != BufferEmpty {
-            false
-        } else {
-            record.CallbackRoutine = Some(CallbackRoutine);
-            record.Component = Component;
-            record.Reason = Reason;
-            record.Checksum = reason_checksum(CallbackRoutine as usize, Reason, Component);
-            record.State = BufferInserted as UCHAR;
-            insert_head(REASON_LIST.get(), &mut record.Entry);
-            true
+            return false;
         }
-    };
-    LIST_LOCK.release(old);
-    registered as BOOLEAN
+        record.CallbackRoutine = Some(CallbackRoutine);
+        record.Component = Component;
+        record.Reason = Reason;
+        record.Checksum = reason_checksum(CallbackRoutine as usize, Reason, Component);
+        record.State = BufferInserted as UCHAR;
+        // SAFETY: a valid head, and the record is in no list (its State was BufferEmpty).
+        unsafe { insert_head(REASON_LIST.get(), &mut record.Entry) };
+        true
+    })
 }
 
 /// `KeDeregisterBugCheckReasonCallback`.
@@ -120,20 +140,10 @@ pub unsafe fn KeRegisterBugCheckReasonCallback(
 pub unsafe fn KeDeregisterBugCheckReasonCallback(
     CallbackRecord: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
 ) -> BOOLEAN {
-    let Some(old) = LIST_LOCK.acquire() else { return FALSE };
-    // SAFETY: caller's promise; the lock serialises list changes.
-    let removed = unsafe {
-        let record = &mut *CallbackRecord;
-        if record.State as i32 != BufferInserted {
-            false
-        } else {
-            remove_entry(&mut record.Entry);
-            record.State = BufferEmpty as UCHAR;
-            true
-        }
-    };
-    LIST_LOCK.release(old);
-    removed as BOOLEAN
+    // SAFETY: caller's promise.
+    let record = unsafe { &mut *CallbackRecord };
+    // SAFETY: the record is valid; the lock serialises list changes.
+    under_lock(|| unsafe { remove_record(&mut record.Entry, &mut record.State) })
 }
 
 /// `KeRegisterBugCheckCallback`.
@@ -148,25 +158,22 @@ pub unsafe fn KeRegisterBugCheckCallback(
     Length: ULONG,
     Component: PUCHAR,
 ) -> BOOLEAN {
-    let Some(old) = LIST_LOCK.acquire() else { return FALSE };
-    // SAFETY: caller's promise; the lock serialises list changes.
-    let registered = unsafe {
-        let record = &mut *CallbackRecord;
+    // SAFETY: caller's promise.
+    let record = unsafe { &mut *CallbackRecord };
+    under_lock(|| {
         if record.State as i32 != BufferEmpty {
-            false
-        } else {
-            record.CallbackRoutine = Some(CallbackRoutine);
-            record.Buffer = Buffer;
-            record.Length = Length;
-            record.Component = Component;
-            record.Checksum = legacy_checksum(CallbackRoutine as usize, Buffer, Length, Component);
-            record.State = BufferInserted as UCHAR;
-            insert_head(LEGACY_LIST.get(), &mut record.Entry);
-            true
+            return false;
         }
-    };
-    LIST_LOCK.release(old);
-    registered as BOOLEAN
+        record.CallbackRoutine = Some(CallbackRoutine);
+        record.Buffer = Buffer;
+        record.Length = Length;
+        record.Component = Component;
+        record.Checksum = legacy_checksum(CallbackRoutine as usize, Buffer, Length, Component);
+        record.State = BufferInserted as UCHAR;
+        // SAFETY: a valid head, and the record is in no list (its State was BufferEmpty).
+        unsafe { insert_head(LEGACY_LIST.get(), &mut record.Entry) };
+        true
+    })
 }
 
 /// `KeDeregisterBugCheckCallback`.
@@ -177,20 +184,10 @@ pub unsafe fn KeRegisterBugCheckCallback(
 pub unsafe fn KeDeregisterBugCheckCallback(
     CallbackRecord: *mut KBUGCHECK_CALLBACK_RECORD,
 ) -> BOOLEAN {
-    let Some(old) = LIST_LOCK.acquire() else { return FALSE };
-    // SAFETY: caller's promise; the lock serialises list changes.
-    let removed = unsafe {
-        let record = &mut *CallbackRecord;
-        if record.State as i32 != BufferInserted {
-            false
-        } else {
-            remove_entry(&mut record.Entry);
-            record.State = BufferEmpty as UCHAR;
-            true
-        }
-    };
-    LIST_LOCK.release(old);
-    removed as BOOLEAN
+    // SAFETY: caller's promise.
+    let record = unsafe { &mut *CallbackRecord };
+    // SAFETY: the record is valid; the lock serialises list changes.
+    under_lock(|| unsafe { remove_record(&mut record.Entry, &mut record.State) })
 }
 
 /// How many reason and legacy callbacks are registered (under the lock; not on the bug-check
