@@ -134,8 +134,9 @@ pub const KbDumpIoSecondaryData: KBUGCHECK_DUMP_IO_TYPE = 3;
 /// The dump is finished: `Buffer` NULL, `BufferLength` 0.
 pub const KbDumpIoComplete: KBUGCHECK_DUMP_IO_TYPE = 4;
 
-/// `KBUGCHECK_BUFFER_DUMP_STATE`: the `State` byte of a callback record.
-/// (The brief's "KBUGCHECK_CALLBACK_STATE"; wdm.h's name is this one.)
+/// `KBUGCHECK_BUFFER_DUMP_STATE` (wdm.h): the values of the `State` byte of a callback record
+/// (`KBUGCHECK_CALLBACK_RECORD` and `KBUGCHECK_REASON_CALLBACK_RECORD` declare `State` as a
+/// `UCHAR`). wdm.h defines no `KBUGCHECK_CALLBACK_STATE`: this enum is the callback's state.
 pub type KBUGCHECK_BUFFER_DUMP_STATE = i32;
 /// Not registered; what `KeInitializeCallbackRecord` sets. Registration requires it.
 pub const BufferEmpty: KBUGCHECK_BUFFER_DUMP_STATE = 0;

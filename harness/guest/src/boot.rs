@@ -1,4 +1,4 @@
-//! # Boot: PVH entry, long mode, paging, GDT and TSS
+//! # Boot: PVH entry, long mode, paging
 //!
 //! QEMU loads the kernel ELF at its physical addresses and, finding the `XEN_ELFNOTE_PHYS32_ENTRY`
 //! note (type 18), enters `pvh_start` in 32-bit protected mode with paging off and EBX holding
@@ -6,20 +6,19 @@
 //!
 //! `pvh_start` zeroes `.bss`, builds an identity map of the first 4 GiB with 2 MiB pages, turns
 //! on PAE, SSE (CR4.OSFXSR/OSXMMEXCPT, CR0.MP, !CR0.EM: the x86_64-linux-gnu `core` uses SSE)
-//! and long mode, and calls [`crate::kernel_main`] on the boot stack. The Rust side then
-//! installs the final GDT with a TSS (whose IST stacks the exception handlers use), marks the
-//! 2 MiB pages that hold no RAM uncached (the PCI MMIO hole), maps BARs above 4 GiB on request
-//! and maps single 4 KiB pages at high virtual addresses ([`map_4k`]).
+//! and long mode, and calls [`crate::kernel_main`] on the boot stack (the one reference upward:
+//! the entry point jumps to the top). The final GDT and TSS are [`crate::gdt`]'s. The Rust side
+//! here marks the 2 MiB pages that hold no RAM uncached (the PCI MMIO hole), maps BARs above
+//! 4 GiB on request and maps single 4 KiB pages at high virtual addresses ([`map_4k`]).
 //!
-//! Page-table entries are created with their Accessed (and, for leaves, Dirty) bits already set
-//! and code/data descriptors with their Accessed bit set, so the processor never writes to page
-//! tables or the GDT on its own: RAM the dump captured stays as it was.
+//! Page-table entries are created with their Accessed (and, for leaves, Dirty) bits already set,
+//! so the processor never writes to page tables on its own: RAM the dump captured stays as it
+//! was.
 //!
 //! Besides the identity map, the same tables map all physical memory at [`PHYSMAP_BASE`]
 //! (PML4 slot 0x180 points at the identity map's PDPT); the dump reads pages there.
 
 use core::arch::{asm, global_asm};
-use core::mem::size_of;
 
 use crate::global::Global;
 
@@ -323,101 +322,6 @@ pub unsafe fn read_start_info(paddr: u64) -> Result<(), &'static str> {
     }
     info.memmap_len = n;
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// GDT and TSS
-
-/// Kernel code selector (Windows' KGDT64_R0_CODE).
-pub const KERNEL_CS: u16 = 0x10;
-/// Kernel data/stack selector (Windows' KGDT64_R0_DATA).
-pub const KERNEL_DS: u16 = 0x18;
-/// TSS selector (Windows' KGDT64_SYS_TSS).
-pub const TSS_SELECTOR: u16 = 0x40;
-
-/// The 64-bit TSS: only its IST pointers matter here.
-#[repr(C, packed(4))]
-pub struct Tss {
-    reserved0: u32,
-    rsp: [u64; 3],
-    reserved1: u64,
-    /// IST1..IST7 (index 0 is IST1).
-    pub ist: [u64; 7],
-    reserved2: u64,
-    reserved3: u16,
-    iomap_base: u16,
-}
-const _: () = assert!(size_of::<Tss>() == 104);
-
-static TSS: Global<Tss> = Global::new(Tss {
-    reserved0: 0,
-    rsp: [0; 3],
-    reserved1: 0,
-    ist: [0; 7],
-    reserved2: 0,
-    reserved3: 0,
-    iomap_base: size_of::<Tss>() as u16,
-});
-
-static GDT: Global<[u64; 10]> = Global::new([
-    0,
-    0x00CF_9B00_0000_FFFF, // 0x08: 32-bit code (unused after boot)
-    0x00AF_9B00_0000_FFFF, // 0x10: 64-bit kernel code
-    0x00CF_9300_0000_FFFF, // 0x18: kernel data
-    0,
-    0,
-    0,
-    0,
-    0, // 0x40: TSS, low half (filled in by init_gdt)
-    0, // 0x48: TSS, high half
-]);
-
-#[repr(C, packed)]
-struct DescriptorPointer {
-    limit: u16,
-    base: u64,
-}
-
-/// Installs the final GDT and the TSS with `ist` as IST1..IST7 stack tops.
-pub fn init_gdt(ist: [u64; 7]) {
-    // SAFETY: boot, before interrupts are set up: nothing else uses the TSS or GDT now.
-    unsafe {
-        let tss = TSS.as_mut();
-        tss.ist = ist;
-        let base = TSS.get() as u64;
-        let limit = (size_of::<Tss>() - 1) as u64;
-        // Available 64-bit TSS (type 9), present.
-        let low = (limit & 0xFFFF)
-            | (base & 0xFF_FFFF) << 16
-            | 0x89 << 40
-            | ((limit >> 16) & 0xF) << 48
-            | ((base >> 24) & 0xFF) << 56;
-        let gdt = GDT.as_mut();
-        gdt[8] = low;
-        gdt[9] = base >> 32;
-        let ptr = DescriptorPointer {
-            limit: (size_of::<[u64; 10]>() - 1) as u16,
-            base: GDT.get() as u64,
-        };
-        // SAFETY: a valid GDT whose 0x10/0x18 match what is loaded; reloading CS by far return.
-        asm!(
-            "lgdt [{ptr}]",
-            "push {cs}",
-            "lea {tmp}, [rip + 2f]",
-            "push {tmp}",
-            "retfq",
-            "2:",
-            "mov ds, {ds:x}",
-            "mov es, {ds:x}",
-            "mov ss, {ds:x}",
-            "ltr {tss:x}",
-            ptr = in(reg) &ptr,
-            cs = const KERNEL_CS as u64,
-            ds = in(reg) KERNEL_DS as u64,
-            tss = in(reg) TSS_SELECTOR as u64,
-            tmp = out(reg) _,
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,9 +1,6 @@
-//! # Bugcheck: Windows' side of the bug-check callback contract
+//! # Bugcheck: `KeBugCheckEx`, Windows' side of the bug check
 //!
-//! The routines a driver calls (`KeRegisterBugCheckReasonCallback`,
-//! `KeDeregisterBugCheckReasonCallback`, `KeRegisterBugCheckCallback`,
-//! `KeDeregisterBugCheckCallback`), with their records kept in `LIST_ENTRY` lists under a spin
-//! lock as Windows does, and `KeBugCheckEx`, which never returns:
+//! `KeBugCheckEx` never returns:
 //!
 //! 1. interrupts off, IRQL to HIGH_LEVEL, the crashing processor's registers captured (at the
 //!    `KeBugCheckEx` call, or from the trap frame of the fault that led here), and a switch to a
@@ -15,53 +12,33 @@
 //! 4. the dump is written ([`crate::dump`]) and every piece goes to every `KbCallbackDumpIo`
 //!    callback as a `KBUGCHECK_DUMP_IO`, ending with `KbDumpIoComplete`;
 //! 5. the legacy `BugCheckCallback`s run, after the dump (as since Windows XP SP1);
-//! 6. `CRASHMON DUMP DONE`, then halt forever (or reset, with `reboot=`).
+//! 6. `CRASHMON DUMP DONE`, the kernel's report hook (the driver's session), then halt forever
+//!    (or reset, with `reboot=`).
 //!
-//! The lists are walked without the lock, as Windows must: the lock may be held by the code
-//! that crashed. Records whose checksum does not match are skipped, as Windows skips corrupt
-//! records.
+//! The callbacks come from the registry ([`crate::callbacks`]), walked without its lock. Each
+//! call is announced to [`crate::violations`], so a callback that uses the pool, a spin lock or a
+//! wait ([`crate::services`] refuses them at HIGH_LEVEL) is named in the violation. The
+//! violations go into the dump as a secondary-data blob tagged [`GUEST_REPORT_GUID`], made after
+//! the AddPages and SecondaryDumpData callbacks ran, so violations in those callbacks are in the
+//! dump; violations in DumpIo or legacy callbacks happen while or after the dump is written and
+//! are on serial only.
 //!
-//! Violations: using the pool, a spin lock or a wait at HIGH_LEVEL ([`crate::services`]) is
-//! refused, printed as `CRASHMON VIOLATION <alloc|lock|wait> in <component>/<callback>` and
-//! recorded. The record goes into the dump as a secondary-data blob tagged
-//! [`GUEST_REPORT_GUID`] (text, one line per violation), made after the AddPages and
-//! SecondaryDumpData callbacks ran, so violations in those callbacks are in the dump; violations
-//! in DumpIo or legacy callbacks happen while or after the dump is written and are on serial only.
+//! What the bug check needs from the layers above it (the dump options from the command line,
+//! whether to reset afterwards, the driver's report) is handed down once at boot ([`init`]);
+//! this module calls nothing above it.
 
 use core::arch::{asm, naked_asm};
-use core::ffi::CStr;
-use core::fmt::Write as _;
 use core::mem::size_of;
 use core::ptr;
 
-use crashmon_guest_driver::driver::BugCheckRegistry;
+use crashmon_dump_writer::{DumpSink, SecondaryBlob};
 use crashmon_guest_driver::wdm::*;
 
 use crate::boot::{self, Stack, PAGE_SIZE};
 use crate::global::Global;
-use crate::interrupts::TrapFrame;
-use crate::services::{KSpinLock, KeRaiseIrql};
-use crate::{dump, println, triggers};
-
-/// Bug-check codes the guest raises (Windows' values).
-pub mod codes {
-    /// KMODE_EXCEPTION_NOT_HANDLED.
-    pub const KMODE_EXCEPTION_NOT_HANDLED: u32 = 0x1E;
-    /// PAGE_FAULT_IN_NONPAGED_AREA.
-    pub const PAGE_FAULT_IN_NONPAGED_AREA: u32 = 0x50;
-    /// UNEXPECTED_KERNEL_MODE_TRAP.
-    pub const UNEXPECTED_KERNEL_MODE_TRAP: u32 = 0x7F;
-    /// NMI_HARDWARE_FAILURE.
-    pub const NMI_HARDWARE_FAILURE: u32 = 0x80;
-    /// KERNEL_MODE_EXCEPTION_NOT_HANDLED.
-    pub const KERNEL_MODE_EXCEPTION_NOT_HANDLED: u32 = 0x8E;
-    /// MANUALLY_INITIATED_CRASH.
-    pub const MANUALLY_INITIATED_CRASH: u32 = 0xE2;
-}
-
-/// Parameter 1 of NMI_HARDWARE_FAILURE for an NMI from outside the machine, as Windows' HAL
-/// reports an injected NMI (`0x4F4454`).
-pub const NMI_SOURCE_TAG: u64 = 0x004F_4454;
+use crate::services::raise_to_high_level_for_good;
+use crate::trap::TrapFrame;
+use crate::{callbacks, cpu, dump, println, violations};
 
 /// Tag of the guest's own secondary blob: the violation report.
 /// {C4A50D02-6775-4573-8000-7265706F7274} ("report").
@@ -72,267 +49,38 @@ pub const GUEST_REPORT_GUID: GUID = GUID {
     Data4: [0x80, 0x00, b'r', b'e', b'p', b'o', b'r', b't'],
 };
 
-/// A forbidden service used at HIGH_LEVEL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Violation {
-    /// Pool allocation.
-    Alloc,
-    /// Spin-lock acquisition.
-    Lock,
-    /// Waiting on a dispatcher object.
-    Wait,
-}
-
-impl Violation {
-    /// The name in `CRASHMON VIOLATION` lines.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Alloc => "alloc",
-            Self::Lock => "lock",
-            Self::Wait => "wait",
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Registration
+// Setup: what the layers above hand down at boot
 
-static REASON_LIST: Global<LIST_ENTRY> = Global::new(LIST_ENTRY::zeroed());
-static LEGACY_LIST: Global<LIST_ENTRY> = Global::new(LIST_ENTRY::zeroed());
-/// `KeBugCheckCallbackLock`: serialises registration (never taken on the bug-check path).
-static LIST_LOCK: KSpinLock = KSpinLock::new();
-
-/// Empties both callback lists. Call once at boot before any registration.
-pub fn init() {
-    // SAFETY: boot, single processor, nothing registered yet.
-    unsafe {
-        let r = REASON_LIST.get();
-        (*r).Flink = r;
-        (*r).Blink = r;
-        let l = LEGACY_LIST.get();
-        (*l).Flink = l;
-        (*l).Blink = l;
-    }
+/// What the bug check needs from the rest of the kernel. Read-only once the bug check starts.
+#[derive(Clone, Copy)]
+pub struct Setup {
+    /// How to write the dump.
+    pub dump: dump::Settings,
+    /// Reset the machine after the dump (`reboot=` asks for more boots) instead of halting.
+    pub reset_after_dump: bool,
+    /// Prints what the driver saw, after the dump (before the reset or halt).
+    pub report: fn(),
 }
 
-/// `InsertHeadList`.
-///
-/// # Safety
-/// `head` a valid list head, `entry` a valid entry in no list.
-unsafe fn insert_head(head: *mut LIST_ENTRY, entry: *mut LIST_ENTRY) {
-    // SAFETY: caller's promise.
-    unsafe {
-        let first = (*head).Flink;
-        (*entry).Flink = first;
-        (*entry).Blink = head;
-        (*first).Blink = entry;
-        (*head).Flink = entry;
-    }
+impl Setup {
+    /// Before [`init`]: a full sequential dump, no report, halt.
+    const BOOT: Setup =
+        Setup { dump: dump::Settings::DEFAULT, reset_after_dump: false, report: || {} };
 }
 
-/// `RemoveEntryList`.
-///
-/// # Safety
-/// `entry` must be in a list.
-unsafe fn remove_entry(entry: *mut LIST_ENTRY) {
-    // SAFETY: caller's promise.
-    unsafe {
-        let (next, prev) = ((*entry).Flink, (*entry).Blink);
-        (*prev).Flink = next;
-        (*next).Blink = prev;
-        (*entry).Flink = ptr::null_mut();
-        (*entry).Blink = ptr::null_mut();
-    }
-}
+static SETUP: Global<Setup> = Global::new(Setup::BOOT);
 
-fn reason_checksum(routine: usize, reason: KBUGCHECK_CALLBACK_REASON, component: PUCHAR) -> usize {
-    routine.wrapping_add(reason as usize).wrapping_add(component as usize)
-}
-
-fn legacy_checksum(routine: usize, buffer: PVOID, length: ULONG, component: PUCHAR) -> usize {
-    routine
-        .wrapping_add(buffer as usize)
-        .wrapping_add(length as usize)
-        .wrapping_add(component as usize)
-}
-
-/// `KeRegisterBugCheckReasonCallback`.
-///
-/// # Safety
-/// `record` must be valid and resident until deregistered; `component` a NUL-terminated string
-/// that lives as long.
-#[allow(non_snake_case)]
-pub unsafe fn KeRegisterBugCheckReasonCallback(
-    CallbackRecord: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
-    CallbackRoutine: KBUGCHECK_REASON_CALLBACK_ROUTINE,
-    Reason: KBUGCHECK_CALLBACK_REASON,
-    Component: PUCHAR,
-) -> BOOLEAN {
-    let Some(old) = LIST_LOCK.acquire() else { return FALSE };
-    // SAFETY: caller's promise; the lock serialises list changes.
-    let registered = unsafe {
-        let record = &mut *CallbackRecord;
-        if record.State as i32 != BufferEmpty {
-            false
-        } else {
-            record.CallbackRoutine = Some(CallbackRoutine);
-            record.Component = Component;
-            record.Reason = Reason;
-            record.Checksum = reason_checksum(CallbackRoutine as usize, Reason, Component);
-            record.State = BufferInserted as UCHAR;
-            insert_head(REASON_LIST.get(), &mut record.Entry);
-            true
-        }
-    };
-    LIST_LOCK.release(old);
-    registered as BOOLEAN
-}
-
-/// `KeDeregisterBugCheckReasonCallback`.
-///
-/// # Safety
-/// `record` must be valid.
-#[allow(non_snake_case)]
-pub unsafe fn KeDeregisterBugCheckReasonCallback(
-    CallbackRecord: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
-) -> BOOLEAN {
-    let Some(old) = LIST_LOCK.acquire() else { return FALSE };
-    // SAFETY: caller's promise; the lock serialises list changes.
-    let removed = unsafe {
-        let record = &mut *CallbackRecord;
-        if record.State as i32 != BufferInserted {
-            false
-        } else {
-            remove_entry(&mut record.Entry);
-            record.State = BufferEmpty as UCHAR;
-            true
-        }
-    };
-    LIST_LOCK.release(old);
-    removed as BOOLEAN
-}
-
-/// `KeRegisterBugCheckCallback`.
-///
-/// # Safety
-/// As [`KeRegisterBugCheckReasonCallback`]; `Buffer` valid for `Length` bytes while registered.
-#[allow(non_snake_case)]
-pub unsafe fn KeRegisterBugCheckCallback(
-    CallbackRecord: *mut KBUGCHECK_CALLBACK_RECORD,
-    CallbackRoutine: KBUGCHECK_CALLBACK_ROUTINE,
-    Buffer: PVOID,
-    Length: ULONG,
-    Component: PUCHAR,
-) -> BOOLEAN {
-    let Some(old) = LIST_LOCK.acquire() else { return FALSE };
-    // SAFETY: caller's promise; the lock serialises list changes.
-    let registered = unsafe {
-        let record = &mut *CallbackRecord;
-        if record.State as i32 != BufferEmpty {
-            false
-        } else {
-            record.CallbackRoutine = Some(CallbackRoutine);
-            record.Buffer = Buffer;
-            record.Length = Length;
-            record.Component = Component;
-            record.Checksum = legacy_checksum(CallbackRoutine as usize, Buffer, Length, Component);
-            record.State = BufferInserted as UCHAR;
-            insert_head(LEGACY_LIST.get(), &mut record.Entry);
-            true
-        }
-    };
-    LIST_LOCK.release(old);
-    registered as BOOLEAN
-}
-
-/// `KeDeregisterBugCheckCallback`.
-///
-/// # Safety
-/// `record` must be valid.
-#[allow(non_snake_case)]
-pub unsafe fn KeDeregisterBugCheckCallback(
-    CallbackRecord: *mut KBUGCHECK_CALLBACK_RECORD,
-) -> BOOLEAN {
-    let Some(old) = LIST_LOCK.acquire() else { return FALSE };
-    // SAFETY: caller's promise; the lock serialises list changes.
-    let removed = unsafe {
-        let record = &mut *CallbackRecord;
-        if record.State as i32 != BufferInserted {
-            false
-        } else {
-            remove_entry(&mut record.Entry);
-            record.State = BufferEmpty as UCHAR;
-            true
-        }
-    };
-    LIST_LOCK.release(old);
-    removed as BOOLEAN
-}
-
-/// How many reason and legacy callbacks are registered (under the lock; not on the bug-check
-/// path).
-pub fn registered() -> (usize, usize) {
-    let count = |head: *mut LIST_ENTRY| {
-        let mut n = 0;
-        // SAFETY: the list is intact and the lock (held by the caller below) keeps it so.
-        unsafe {
-            let mut entry = (*head).Flink;
-            while !entry.is_null() && entry != head {
-                n += 1;
-                entry = (*entry).Flink;
-            }
-        }
-        n
-    };
-    let Some(old) = LIST_LOCK.acquire() else { return (0, 0) };
-    let counts = (count(REASON_LIST.get()), count(LEGACY_LIST.get()));
-    LIST_LOCK.release(old);
-    counts
-}
-
-/// The guest's implementation of the driver's [`BugCheckRegistry`]: the `Ke*` routines above.
-pub struct GuestRegistry;
-
-impl BugCheckRegistry for GuestRegistry {
-    unsafe fn register_reason_callback(
-        &self,
-        record: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
-        routine: KBUGCHECK_REASON_CALLBACK_ROUTINE,
-        reason: KBUGCHECK_CALLBACK_REASON,
-        component: PUCHAR,
-    ) -> bool {
-        // SAFETY: forwarded contract.
-        unsafe { KeRegisterBugCheckReasonCallback(record, routine, reason, component) == TRUE }
-    }
-    unsafe fn deregister_reason_callback(
-        &self,
-        record: *mut KBUGCHECK_REASON_CALLBACK_RECORD,
-    ) -> bool {
-        // SAFETY: forwarded contract.
-        unsafe { KeDeregisterBugCheckReasonCallback(record) == TRUE }
-    }
-    unsafe fn register_callback(
-        &self,
-        record: *mut KBUGCHECK_CALLBACK_RECORD,
-        routine: KBUGCHECK_CALLBACK_ROUTINE,
-        buffer: PVOID,
-        length: ULONG,
-        component: PUCHAR,
-    ) -> bool {
-        // SAFETY: forwarded contract.
-        unsafe { KeRegisterBugCheckCallback(record, routine, buffer, length, component) == TRUE }
-    }
-    unsafe fn deregister_callback(&self, record: *mut KBUGCHECK_CALLBACK_RECORD) -> bool {
-        // SAFETY: forwarded contract.
-        unsafe { KeDeregisterBugCheckCallback(record) == TRUE }
-    }
+/// Hands the bug check what it needs from the layers above. Boot time, once.
+pub fn init(setup: Setup) {
+    // SAFETY: boot, single processor; the bug check only reads SETUP.
+    unsafe { *SETUP.get() = setup };
 }
 
 // ---------------------------------------------------------------------------------------------
 // Bug-check state: everything here is written during the bug check, so it lives in
 // .crashmon_volatile (pages the harness is told may differ from the dump).
 
-const MAX_VIOLATIONS: usize = 16;
 const MAX_ADDED: usize = 64;
 const MAX_BLOBS: usize = 16;
 /// Budget for all secondary data (Windows caps it too).
@@ -341,44 +89,33 @@ const BUGCHECK_STACK_SIZE: usize = 64 * 1024;
 
 /// A blob a SecondaryDumpData callback supplied (or the guest's report).
 #[derive(Clone, Copy)]
-pub struct Blob {
+struct Blob {
     /// Tag, in memory order.
-    pub guid: [u8; 16],
+    guid: [u8; 16],
     /// Where the data is: in the arena or the driver's resident buffer.
-    pub data: *const u8,
+    data: *const u8,
     /// Bytes.
-    pub len: usize,
-}
-
-#[derive(Clone, Copy)]
-struct ViolationRecord {
-    what: Violation,
-    component: PUCHAR,
-    reason: i32,
+    len: usize,
 }
 
 /// What one bug check has gathered.
-pub struct BugCheckData {
+struct BugCheckData {
     /// A bug check is under way.
-    pub active: bool,
+    active: bool,
     /// `KeBugCheckEx`'s arguments.
-    pub code: u32,
+    code: u32,
     /// Parameters 1..4.
-    pub parameters: [u64; 4],
+    parameters: [u64; 4],
     /// Registers of the crashing processor.
-    pub frame: TrapFrame,
-    /// The callback being called: its component and reason (-1 for a legacy callback).
-    current: Option<(PUCHAR, i32)>,
-    violations: [Option<ViolationRecord>; MAX_VIOLATIONS],
-    violation_count: usize,
+    frame: TrapFrame,
     /// Page ranges from AddPages callbacks: (first PFN, count).
-    pub added: [(u64, u64); MAX_ADDED],
+    added: [(u64, u64); MAX_ADDED],
     /// Used entries of `added`.
-    pub added_count: usize,
+    added_count: usize,
     /// Secondary blobs.
-    pub blobs: [Option<Blob>; MAX_BLOBS],
+    blobs: [Option<Blob>; MAX_BLOBS],
     /// Used entries of `blobs`.
-    pub blob_count: usize,
+    blob_count: usize,
     /// Where in the arena the guest's report starts.
     report_at: usize,
 }
@@ -388,33 +125,7 @@ static DATA: Global<BugCheckData> = Global::new(BugCheckData {
     active: false,
     code: 0,
     parameters: [0; 4],
-    frame: TrapFrame {
-        rax: 0,
-        rbx: 0,
-        rcx: 0,
-        rdx: 0,
-        rsi: 0,
-        rdi: 0,
-        rbp: 0,
-        r8: 0,
-        r9: 0,
-        r10: 0,
-        r11: 0,
-        r12: 0,
-        r13: 0,
-        r14: 0,
-        r15: 0,
-        vector: 0,
-        error_code: 0,
-        rip: 0,
-        cs: 0,
-        rflags: 0,
-        rsp: 0,
-        ss: 0,
-    },
-    current: None,
-    violations: [None; MAX_VIOLATIONS],
-    violation_count: 0,
+    frame: TrapFrame::ZERO,
     added: [(0, 0); MAX_ADDED],
     added_count: 0,
     blobs: [None; MAX_BLOBS],
@@ -432,65 +143,6 @@ static ARENA: Global<Arena> = Global::new(Arena([0; SECONDARY_BUDGET]));
 #[link_section = ".bss.crashmon_volatile"]
 static BUGCHECK_STACK: Global<Stack<BUGCHECK_STACK_SIZE>> =
     Global::new(Stack([0; BUGCHECK_STACK_SIZE]));
-
-/// Whether a bug check is under way.
-pub fn active() -> bool {
-    // SAFETY: a bool read; single processor.
-    unsafe { (*DATA.get()).active }
-}
-
-/// The bug check's data, for the dump.
-///
-/// # Safety
-/// Only on the bug-check path, and not while a `&mut` from elsewhere in this module is live.
-pub unsafe fn data() -> &'static BugCheckData {
-    // SAFETY: caller's promise.
-    unsafe { &*DATA.get() }
-}
-
-fn component_name(component: PUCHAR) -> &'static str {
-    if component.is_null() {
-        return "?";
-    }
-    // SAFETY: registered components are NUL-terminated 'static strings (registration contract).
-    unsafe { CStr::from_ptr(component as *const core::ffi::c_char) }.to_str().unwrap_or("?")
-}
-
-fn reason_name(reason: i32) -> &'static str {
-    if reason == -1 {
-        "BugCheckCallback"
-    } else if reason == KbCallbackAddPages {
-        "AddPages"
-    } else if reason == KbCallbackSecondaryDumpData {
-        "SecondaryDumpData"
-    } else if reason == KbCallbackDumpIo {
-        "DumpIo"
-    } else {
-        "Reason?"
-    }
-}
-
-/// Called by [`crate::services`] when a forbidden service is used at HIGH_LEVEL.
-pub fn report_violation(what: Violation) {
-    // SAFETY: bug-check path (HIGH_LEVEL implies it), single processor; no other reference to
-    // DATA is live while a callback runs.
-    let data = unsafe { DATA.as_mut() };
-    let (component, reason) = data.current.unwrap_or((ptr::null_mut(), 0));
-    if component.is_null() {
-        println!("CRASHMON VIOLATION {} in kernel", what.name());
-    } else {
-        println!(
-            "CRASHMON VIOLATION {} in {}/{}",
-            what.name(),
-            component_name(component),
-            reason_name(reason)
-        );
-    }
-    if data.violation_count < MAX_VIOLATIONS {
-        data.violations[data.violation_count] = Some(ViolationRecord { what, component, reason });
-        data.violation_count += 1;
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // KeBugCheckEx
@@ -555,16 +207,8 @@ pub fn bugcheck_from_trap(code: u32, parameters: [u64; 4], frame: &TrapFrame) ->
     enter(code, parameters, frame)
 }
 
-fn halt_forever() -> ! {
-    loop {
-        // SAFETY: stops the processor; only an NMI wakes it, and that bug checks again (nested).
-        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
-    }
-}
-
 fn enter(code: u32, parameters: [u64; 4], frame: &TrapFrame) -> ! {
-    // SAFETY: disabling interrupts has no memory effects.
-    unsafe { asm!("cli", options(nomem, nostack)) };
+    cpu::disable_interrupts();
     // SAFETY: single processor and interrupts off; a nested bug check only reads `active`.
     let data = unsafe { DATA.as_mut() };
     if data.active {
@@ -572,10 +216,10 @@ fn enter(code: u32, parameters: [u64; 4], frame: &TrapFrame) -> ! {
             "CRASHMON NESTED BUGCHECK code={:#x} p1={:#x} p2={:#x} p3={:#x} p4={:#x} during code={:#x}",
             code, parameters[0], parameters[1], parameters[2], parameters[3], data.code
         );
-        halt_forever();
+        cpu::halt_forever();
     }
     data.active = true;
-    KeRaiseIrql(HIGH_LEVEL);
+    raise_to_high_level_for_good();
     data.code = code;
     data.parameters = parameters;
     data.frame = *frame;
@@ -596,6 +240,8 @@ fn enter(code: u32, parameters: [u64; 4], frame: &TrapFrame) -> ! {
 
 /// The rest of the bug check, on the bug-check stack.
 extern "C" fn bugcheck_main() -> ! {
+    // SAFETY: written at boot only; a copy.
+    let setup = unsafe { *SETUP.get() };
     // SAFETY: bug-check path; copies of scalars only.
     let (code, p) = unsafe { ((*DATA.get()).code, (*DATA.get()).parameters) };
     println!(
@@ -611,9 +257,7 @@ extern "C" fn bugcheck_main() -> ! {
         poll_secondary_data();
         add_report_blob();
     }
-    let config = triggers::config();
-    let mut sink = CallbackSink;
-    match dump::write_dump(config, &mut sink) {
+    match write_dump(&setup.dump) {
         Ok(bytes) => {
             // SAFETY: bug-check path.
             unsafe { call_legacy_callbacks() };
@@ -625,8 +269,41 @@ extern "C" fn bugcheck_main() -> ! {
             println!("CRASHMON DUMP FAILED error={}", e);
         }
     }
-    crate::driver_summary();
-    triggers::after_dump()
+    (setup.report)();
+    if setup.reset_after_dump {
+        println!("CRASHMON REBOOT");
+        cpu::reset();
+    }
+    // The final state: interrupts off, halted, so the harness can take `pmemsave` of RAM and
+    // compare it with the dump.
+    println!("CRASHMON HALT");
+    cpu::halt_forever()
+}
+
+/// Step 4: the dump of what the bug check gathered, through every DumpIo callback.
+fn write_dump(settings: &dump::Settings) -> Result<u64, crashmon_dump_writer::DumpError> {
+    // SAFETY: bug-check path; nothing writes DATA while the dump is written, and each blob
+    // points into the arena or a driver's resident buffer, `len` bytes, unchanged until the
+    // dump is written.
+    let data = unsafe { &*DATA.get() };
+    let mut blobs = [SecondaryBlob { guid: [0; 16], data: &[] }; MAX_BLOBS];
+    let mut nblobs = 0;
+    for b in data.blobs[..data.blob_count].iter().flatten() {
+        // SAFETY: as above.
+        blobs[nblobs] = SecondaryBlob {
+            guid: b.guid,
+            data: unsafe { core::slice::from_raw_parts(b.data, b.len) },
+        };
+        nblobs += 1;
+    }
+    let crash = dump::Crash {
+        code: data.code,
+        parameters: data.parameters,
+        frame: &data.frame,
+        added: &data.added[..data.added_count],
+        secondary: &blobs[..nblobs],
+    };
+    dump::write_dump(&crash, settings, boot::info(), &mut CallbackSink)
 }
 
 /// Pages the bug-check path writes after they may have been dumped: `.crashmon_volatile` (the
@@ -638,36 +315,21 @@ pub fn modified_pages() -> impl Iterator<Item = u64> {
     (a / PAGE_SIZE..b / PAGE_SIZE).chain(c / PAGE_SIZE..d / PAGE_SIZE)
 }
 
-/// Walks the reason callbacks registered for `reason`, without the lock.
+/// Calls the reason callbacks registered for `reason`, each announced to [`violations`].
 ///
 /// # Safety
 /// Bug-check path: the list does not change under us and every record is resident.
-unsafe fn for_each_reason(
+unsafe fn call_reason_callbacks(
     reason: i32,
     mut f: impl FnMut(*mut KBUGCHECK_REASON_CALLBACK_RECORD, KBUGCHECK_REASON_CALLBACK_ROUTINE),
 ) {
-    let head = REASON_LIST.get();
-    // SAFETY: per the function contract the list is intact; records are resident.
+    // SAFETY: the caller's promise.
     unsafe {
-        let mut entry = (*head).Flink;
-        while !entry.is_null() && entry != head {
-            let next = (*entry).Flink;
-            let record = entry as *mut KBUGCHECK_REASON_CALLBACK_RECORD; // Entry is at offset 0
-            let r = &*record;
-            if let Some(routine) = r.CallbackRoutine {
-                let valid = r.Checksum == reason_checksum(routine as usize, r.Reason, r.Component);
-                if r.Reason == reason && valid {
-                    (*DATA.get()).current = Some((r.Component, reason));
-                    (*record).State = BufferStarted as UCHAR;
-                    f(record, routine);
-                    (*record).State = BufferFinished as UCHAR;
-                    (*DATA.get()).current = None;
-                } else if !valid {
-                    (*record).State = BufferIncomplete as UCHAR;
-                }
-            }
-            entry = next;
-        }
+        callbacks::for_each_reason(reason, |record, routine| {
+            violations::enter_callback((*record).Component, reason);
+            f(record, routine);
+            violations::leave_callback();
+        })
     }
 }
 
@@ -678,7 +340,7 @@ unsafe fn for_each_reason(
 unsafe fn poll_add_pages(code: u32) {
     // SAFETY: bug-check path; the callback gets a valid KBUGCHECK_ADD_PAGES.
     unsafe {
-        for_each_reason(KbCallbackAddPages, |record, routine| {
+        call_reason_callbacks(KbCallbackAddPages, |record, routine| {
             let mut request = KBUGCHECK_ADD_PAGES {
                 Context: ptr::null_mut(),
                 Flags: 0,
@@ -709,7 +371,7 @@ unsafe fn poll_add_pages(code: u32) {
                             data.added_count += 1;
                             println!(
                                 "CRASHMON ADDPAGES {} pfn={:#x} count={}",
-                                component_name((*record).Component),
+                                violations::component_name((*record).Component),
                                 pa / PAGE_SIZE,
                                 request.Count
                             );
@@ -738,7 +400,7 @@ unsafe fn poll_secondary_data() {
     // SAFETY: bug-check path; each callback gets a valid request whose InBuffer is a part of the
     // arena nobody else uses.
     unsafe {
-        for_each_reason(KbCallbackSecondaryDumpData, |record, routine| {
+        call_reason_callbacks(KbCallbackSecondaryDumpData, |record, routine| {
             let remaining = SECONDARY_BUDGET - used;
             let in_buffer = arena.add(used);
             let mut request = KBUGCHECK_SECONDARY_DUMP_DATA {
@@ -795,23 +457,7 @@ fn add_blob(blob: Blob) {
     }
 }
 
-/// A `fmt::Write` into a byte slice.
-struct SliceWriter<'a> {
-    buf: &'a mut [u8],
-    len: usize,
-}
-
-impl core::fmt::Write for SliceWriter<'_> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let n = s.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        Ok(())
-    }
-}
-
-/// The guest's report blob: `crashmon-guest violations=N`, then one line per violation,
-/// `<alloc|lock|wait> in <component>/<callback>`.
+/// The guest's report blob ([`violations::write_report`]), in the rest of the arena.
 ///
 /// # Safety
 /// Bug-check path, after the secondary-data poll.
@@ -823,19 +469,7 @@ unsafe fn add_report_blob() {
             (ARENA.get() as *mut u8).add(at),
             SECONDARY_BUDGET - at,
         );
-        let data = &*DATA.get();
-        let mut w = SliceWriter { buf, len: 0 };
-        let _ = writeln!(w, "crashmon-guest violations={}", data.violation_count);
-        for v in data.violations.iter().flatten() {
-            let _ = writeln!(
-                w,
-                "{} in {}/{}",
-                v.what.name(),
-                component_name(v.component),
-                reason_name(v.reason)
-            );
-        }
-        let len = w.len;
+        let len = violations::write_report(buf);
         add_blob(Blob {
             guid: GUEST_REPORT_GUID.to_bytes(),
             data: (ARENA.get() as *const u8).add(at),
@@ -845,9 +479,9 @@ unsafe fn add_report_blob() {
 }
 
 /// Step 4's sink: every piece of the dump to every DumpIo callback.
-pub struct CallbackSink;
+struct CallbackSink;
 
-impl crashmon_dump_writer::DumpSink for CallbackSink {
+impl DumpSink for CallbackSink {
     fn dump_io(&mut self, offset: u64, buffer: &[u8], kind: crashmon_dump_writer::DumpIoType) {
         let mut io = KBUGCHECK_DUMP_IO {
             Offset: offset,
@@ -858,7 +492,7 @@ impl crashmon_dump_writer::DumpSink for CallbackSink {
         // SAFETY: bug-check path; the callback gets a valid KBUGCHECK_DUMP_IO whose Buffer holds
         // BufferLength bytes for the call (callbacks only read it: the field is IN).
         unsafe {
-            for_each_reason(KbCallbackDumpIo, |record, routine| {
+            call_reason_callbacks(KbCallbackDumpIo, |record, routine| {
                 routine(
                     KbCallbackDumpIo,
                     record,
@@ -875,32 +509,12 @@ impl crashmon_dump_writer::DumpSink for CallbackSink {
 /// # Safety
 /// Bug-check path.
 unsafe fn call_legacy_callbacks() {
-    let head = LEGACY_LIST.get();
     // SAFETY: bug-check path; the list is intact and records resident.
     unsafe {
-        let mut entry = (*head).Flink;
-        while !entry.is_null() && entry != head {
-            let next = (*entry).Flink;
-            let record = &mut *(entry as *mut KBUGCHECK_CALLBACK_RECORD);
-            if let Some(routine) = record.CallbackRoutine {
-                if record.Checksum
-                    == legacy_checksum(
-                        routine as usize,
-                        record.Buffer,
-                        record.Length,
-                        record.Component,
-                    )
-                {
-                    (*DATA.get()).current = Some((record.Component, -1));
-                    record.State = BufferStarted as UCHAR;
-                    routine(record.Buffer, record.Length);
-                    record.State = BufferFinished as UCHAR;
-                    (*DATA.get()).current = None;
-                } else {
-                    record.State = BufferIncomplete as UCHAR;
-                }
-            }
-            entry = next;
-        }
+        callbacks::for_each_legacy(|record, routine| {
+            violations::enter_callback(record.Component, violations::LEGACY_CALLBACK);
+            routine(record.Buffer, record.Length);
+            violations::leave_callback();
+        })
     }
 }

@@ -1,7 +1,7 @@
 //! # Dump: the plan for `crashmon-dump-writer`
 //!
-//! Turns what the bug check gathered into a [`DumpPlan`] and writes it through the DumpIo
-//! callbacks:
+//! Turns what the bug check gathered ([`Crash`], handed in by [`crate::bugcheck`]) into a
+//! [`DumpPlan`] and writes it to a [`DumpSink`] (the bug check's: every DumpIo callback):
 //!
 //! * `CONTEXT`: the crashing processor's registers (from `KeBugCheckEx`'s capture or the trap
 //!   frame), with CONTEXT_CONTROL | CONTEXT_INTEGER | CONTEXT_SEGMENTS;
@@ -9,29 +9,69 @@
 //!   dump's own page tables;
 //! * runs: the RAM entries of the PVH memory map, in whole pages;
 //! * full dump (type 1): every page of every run; bitmap dump (type 5): the pages in use, i.e.
-//!   every RAM page except the workload's free pages ([`crate::workload::is_free`]), plus the
-//!   pages AddPages callbacks added;
+//!   every RAM page except the free ones ([`Settings::is_free`]: the workload's), plus the pages
+//!   AddPages callbacks added;
 //! * sequential (Offset -1) or out-of-order (explicit offsets) writes;
 //! * `SystemTime` from the CMOS clock; `SystemUpTime` 0 (the guest keeps no calibrated clock);
 //!   no `KdDebuggerDataBlock`, module list, process list or PFN database (all 0).
 //!
-//! The pages are read in place through the physical-memory alias ([`boot::PHYSMAP_BASE`]): nothing is copied, so the only memory
-//! the dump writer writes is its header scratch (in `.bss.crashmon_volatile`).
+//! The pages are read in place through the physical-memory alias ([`boot::PHYSMAP_BASE`]):
+//! nothing is copied, so the only memory the dump writer writes is its header scratch (in
+//! `.bss.crashmon_volatile`). Everything else comes in as arguments: this module reads no other
+//! module's state and calls nothing above it.
 
 use core::arch::asm;
 
 use crashmon_dump_writer::{
-    write_dump as write, BugCheck, Context, DumpError, DumpKind, DumpPlan, PhysicalMemory, Run,
-    SecondaryBlob, WriteOrder, CONTEXT_CONTROL, CONTEXT_INTEGER, CONTEXT_SEGMENTS, MAX_RUNS,
-    PAGE_SIZE,
+    write_dump as write, BugCheck, Context, DumpError, DumpKind, DumpPlan, DumpSink,
+    PhysicalMemory, Run, SecondaryBlob, WriteOrder, CONTEXT_CONTROL, CONTEXT_INTEGER,
+    CONTEXT_SEGMENTS, MAX_RUNS, PAGE_SIZE,
 };
 
 use crate::boot::{self, BootInfo};
-use crate::bugcheck::{self, BugCheckData};
 use crate::global::Global;
-use crate::serial::{inb, outb};
-use crate::triggers::{Config, DumpChoice};
-use crate::{println, workload};
+use crate::trap::TrapFrame;
+use crate::{cmos, gdt, println};
+
+/// Full or bitmap dump (`dump=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DumpChoice {
+    /// Type 1.
+    Full,
+    /// Type 5.
+    Bitmap,
+}
+
+/// How to write the dump: the command line's choices, and which pages are free.
+#[derive(Clone, Copy)]
+pub struct Settings {
+    /// Full or bitmap.
+    pub kind: DumpChoice,
+    /// Sequential (Offset -1) or out of order.
+    pub order: WriteOrder,
+    /// Whether a page is free, so left out of a bitmap dump.
+    pub is_free: fn(u64) -> bool,
+}
+
+impl Settings {
+    /// A full dump in file order.
+    pub const DEFAULT: Settings =
+        Settings { kind: DumpChoice::Full, order: WriteOrder::Sequential, is_free: |_| false };
+}
+
+/// What the bug check gathered.
+pub struct Crash<'a> {
+    /// `KeBugCheckEx`'s code.
+    pub code: u32,
+    /// Its parameters 1..4.
+    pub parameters: [u64; 4],
+    /// Registers of the crashing processor.
+    pub frame: &'a TrapFrame,
+    /// Page ranges AddPages callbacks added: (first PFN, count).
+    pub added: &'a [(u64, u64)],
+    /// The secondary-data blobs, in the order they go into the dump.
+    pub secondary: &'a [SecondaryBlob<'a>],
+}
 
 /// Bytes per body call: one card slot.
 pub const CHUNK_SIZE: usize = 1 << 20;
@@ -104,8 +144,7 @@ fn runs(info: &BootInfo, out: &mut [Run; MAX_RUNS]) -> usize {
     n
 }
 
-fn context_of(data: &BugCheckData) -> Context {
-    let f = &data.frame;
+fn context_of(f: &TrapFrame) -> Context {
     let mut c = Context::zeroed();
     c.context_flags = CONTEXT_CONTROL | CONTEXT_INTEGER | CONTEXT_SEGMENTS;
     let mut mxcsr: u32 = 0;
@@ -115,8 +154,8 @@ fn context_of(data: &BugCheckData) -> Context {
     c.flt_save.mx_csr = mxcsr;
     c.seg_cs = f.cs as u16;
     c.seg_ss = f.ss as u16;
-    c.seg_ds = boot::KERNEL_DS;
-    c.seg_es = boot::KERNEL_DS;
+    c.seg_ds = gdt::KERNEL_DS;
+    c.seg_es = gdt::KERNEL_DS;
     c.eflags = f.rflags as u32;
     (c.rax, c.rbx, c.rcx, c.rdx) = (f.rax, f.rbx, f.rcx, f.rdx);
     (c.rsi, c.rdi, c.rbp, c.rsp) = (f.rsi, f.rdi, f.rbp, f.rsp);
@@ -135,7 +174,12 @@ fn set_bit(bitmap: &mut [u8], pfn: u64) {
 /// Marks the pages in use: every page of every run except the workload's free pages, then the
 /// AddPages ranges that fall inside the runs. Returns the bytes used, or `None` if the RAM is
 /// beyond what the bitmap covers.
-fn build_bitmap(runs: &[Run], data: &BugCheckData, bitmap: &mut [u8]) -> Option<usize> {
+fn build_bitmap(
+    runs: &[Run],
+    added: &[(u64, u64)],
+    is_free: fn(u64) -> bool,
+    bitmap: &mut [u8],
+) -> Option<usize> {
     let end = runs.last().map_or(0, |r| r.base_page + r.page_count);
     let bytes = end.div_ceil(8) as usize;
     if bytes > bitmap.len() {
@@ -144,14 +188,14 @@ fn build_bitmap(runs: &[Run], data: &BugCheckData, bitmap: &mut [u8]) -> Option<
     bitmap[..bytes].fill(0);
     for r in runs {
         for pfn in r.base_page..r.base_page + r.page_count {
-            if !workload::is_free(pfn) {
+            if !is_free(pfn) {
                 set_bit(bitmap, pfn);
             }
         }
     }
     let in_runs =
         |pfn: u64| runs.iter().any(|r| pfn >= r.base_page && pfn < r.base_page + r.page_count);
-    for &(first, count) in &data.added[..data.added_count] {
+    for &(first, count) in added {
         for pfn in first..first + count {
             if in_runs(pfn) {
                 set_bit(bitmap, pfn);
@@ -161,56 +205,26 @@ fn build_bitmap(runs: &[Run], data: &BugCheckData, bitmap: &mut [u8]) -> Option<
     Some(bytes)
 }
 
-fn cmos(register: u8) -> u8 {
-    outb(0x70, register);
-    inb(0x71)
-}
-
-/// `SystemTime` from the CMOS clock: 100 ns units since 1601-01-01 UTC (the RTC runs in UTC
-/// under QEMU by default).
-fn system_time() -> u64 {
-    for _ in 0..100_000 {
-        if cmos(0x0A) & 0x80 == 0 {
-            break; // no update in progress
-        }
-    }
-    let binary = cmos(0x0B) & 0x04 != 0;
-    let v = |r: u8| {
-        let x = cmos(r);
-        if binary {
-            x as u64
-        } else {
-            ((x >> 4) * 10 + (x & 0xF)) as u64
-        }
-    };
-    let (sec, min, hour, day, month, year) =
-        (v(0x00), v(0x02), v(0x04) & 0x7F, v(0x07), v(0x08), 2000 + v(0x09));
-    // Days since 1970-01-01 (civil-from-days inverse, Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let unix = days * 86_400 + hour * 3600 + min * 60 + sec;
-    (unix + 11_644_473_600) * 10_000_000
-}
-
-/// Writes the dump of this bug check through `sink` (the DumpIo callbacks). Returns the file
-/// size.
-pub fn write_dump(config: &Config, sink: &mut bugcheck::CallbackSink) -> Result<u64, DumpError> {
+/// Writes the dump of `crash` through `sink` (the DumpIo callbacks), with the runs of `info`'s
+/// memory map. Returns the file size. Bug-check path: no allocation; the buffers are this
+/// module's statics.
+pub fn write_dump(
+    crash: &Crash,
+    settings: &Settings,
+    info: &BootInfo,
+    sink: &mut impl DumpSink,
+) -> Result<u64, DumpError> {
     // SAFETY: bug-check path; the module's buffers are only used here.
-    let (data, bitmap, scratch, context) = unsafe {
-        (bugcheck::data(), &mut BITMAP.as_mut().0, &mut SCRATCH.as_mut().0, CONTEXT.as_mut())
-    };
+    let (bitmap, scratch, context) =
+        unsafe { (&mut BITMAP.as_mut().0, &mut SCRATCH.as_mut().0, CONTEXT.as_mut()) };
     let mut run_buf = [Run { base_page: 0, page_count: 0 }; MAX_RUNS];
-    let n = runs(boot::info(), &mut run_buf);
+    let n = runs(info, &mut run_buf);
     let runs = &run_buf[..n];
-    *context = context_of(data);
+    *context = context_of(crash.frame);
 
-    let kind = match config.dump {
+    let kind = match settings.kind {
         DumpChoice::Full => DumpKind::Full,
-        DumpChoice::Bitmap => match build_bitmap(runs, data, bitmap) {
+        DumpChoice::Bitmap => match build_bitmap(runs, crash.added, settings.is_free, bitmap) {
             Some(bytes) => DumpKind::Bitmap { bitmap: &bitmap[..bytes] },
             None => {
                 println!("CRASHMON ERROR RAM too large for the bitmap: writing a full dump");
@@ -218,21 +232,10 @@ pub fn write_dump(config: &Config, sink: &mut bugcheck::CallbackSink) -> Result<
             }
         },
     };
-    let mut blobs = [SecondaryBlob { guid: [0; 16], data: &[] }; 16];
-    let mut nblobs = 0;
-    for b in data.blobs[..data.blob_count].iter().flatten() {
-        // SAFETY: each blob points into the arena or a driver's resident buffer, `len` bytes,
-        // unchanged until the dump is written.
-        blobs[nblobs] = SecondaryBlob {
-            guid: b.guid,
-            data: unsafe { core::slice::from_raw_parts(b.data, b.len) },
-        };
-        nblobs += 1;
-    }
     let plan = DumpPlan {
         kind,
-        order: config.order,
-        bugcheck: BugCheck { code: data.code, parameters: data.parameters },
+        order: settings.order,
+        bugcheck: BugCheck { code: crash.code, parameters: crash.parameters },
         context,
         directory_table_base: boot::cr3(),
         runs,
@@ -241,15 +244,15 @@ pub fn write_dump(config: &Config, sink: &mut bugcheck::CallbackSink) -> Result<
         ps_loaded_module_list: 0,
         ps_active_process_head: 0,
         pfn_database: 0,
-        secondary: &blobs[..nblobs],
-        system_time: system_time(),
+        secondary: crash.secondary,
+        system_time: cmos::system_time(),
         system_up_time: 0,
         chunk_size: CHUNK_SIZE,
     };
     println!(
         "CRASHMON DUMP START type={} order={} runs={} scratch={:#x}",
         if matches!(kind, DumpKind::Full) { "full" } else { "bitmap" },
-        if config.order == WriteOrder::Sequential { "sequential" } else { "outoforder" },
+        if settings.order == WriteOrder::Sequential { "sequential" } else { "outoforder" },
         n,
         crashmon_dump_writer::scratch_size(&plan)
     );

@@ -1,9 +1,11 @@
 //! # Interrupts: the IDT, exception and NMI handlers
 //!
 //! All 32 exception vectors have an entry stub that saves the general registers into a
-//! [`TrapFrame`] and calls [`dispatch`]. Every one of them, NMI included, runs on an IST stack
-//! (IST1 NMI, IST2 #DF, IST3 #MC, IST4 everything else), so the CPU switches stacks before it
-//! pushes anything: the red zone of the interrupted code, which the prebuilt `core` may use
+//! [`TrapFrame`] ([`crate::trap`]) and calls [`dispatch`], which turns the exception into
+//! Windows' bug-check code and parameters and hands them to [`crate::bugcheck`]. Every one of
+//! them, NMI included, runs on an IST stack (IST1 NMI, IST2 #DF, IST3 #MC, IST4 everything
+//! else), whose addresses go into the TSS ([`gdt::init_gdt`]), so the CPU switches stacks before
+//! it pushes anything: the red zone of the interrupted code, which the prebuilt `core` may use
 //! even though this crate is built with `-C no-redzone`, is never overwritten.
 //!
 //! Maskable interrupts stay disabled for the guest's whole life (no PIC or APIC is programmed);
@@ -14,40 +16,12 @@
 use core::arch::{asm, global_asm};
 use core::mem::size_of;
 
-use crate::boot::{self, Stack, KERNEL_CS};
-use crate::bugcheck::{self, codes};
+use crate::boot::{self, Stack};
+use crate::codes::{self, status};
+use crate::gdt::{self, KERNEL_CS};
 use crate::global::Global;
-
-/// Registers saved by the entry stubs, lowest address first.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TrapFrame {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-    /// Exception vector (pushed by the stub).
-    pub vector: u64,
-    /// Error code (pushed by the CPU, or 0 by the stub).
-    pub error_code: u64,
-    /// The processor's interrupt frame.
-    pub rip: u64,
-    pub cs: u64,
-    pub rflags: u64,
-    pub rsp: u64,
-    pub ss: u64,
-}
+use crate::trap::TrapFrame;
+use crate::{bugcheck, cpu};
 
 const IST_STACK_SIZE: usize = 16 * 1024;
 /// IST index (1-based, as in the IDT gate) of each kind of stack.
@@ -173,7 +147,7 @@ pub fn init() {
         let top = |i: usize| stacks.add(i) as u64 + IST_STACK_SIZE as u64;
         [top(0), top(1), top(2), top(3), 0, 0, 0]
     };
-    boot::init_gdt(ist_tops);
+    gdt::init_gdt(ist_tops);
     // SAFETY: boot time; nothing reads the IDT until lidt below.
     let idt = unsafe { IDT.as_mut() };
     for vector in 0..32 {
@@ -205,46 +179,25 @@ pub fn init() {
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
 }
 
-/// NTSTATUS codes Windows reports for unhandled exceptions.
-pub mod status {
-    pub const STATUS_INTEGER_DIVIDE_BY_ZERO: u64 = 0xC000_0094;
-    pub const STATUS_SINGLE_STEP: u64 = 0x8000_0004;
-    pub const STATUS_BREAKPOINT: u64 = 0x8000_0003;
-    pub const STATUS_INTEGER_OVERFLOW: u64 = 0xC000_0095;
-    pub const STATUS_ARRAY_BOUNDS_EXCEEDED: u64 = 0xC000_008C;
-    pub const STATUS_ILLEGAL_INSTRUCTION: u64 = 0xC000_001D;
-    pub const STATUS_ACCESS_VIOLATION: u64 = 0xC000_0005;
-    pub const STATUS_DATATYPE_MISALIGNMENT: u64 = 0x8000_0002;
-    pub const STATUS_FLOAT_INVALID_OPERATION: u64 = 0xC000_0090;
-}
-
-fn cr2() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR2 has no side effects.
-    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags)) };
-    value
-}
-
 /// Windows' code and parameters for an exception.
 fn bugcheck_for(frame: &TrapFrame) -> (u32, [u64; 4]) {
-    use status::*;
     let trap = frame as *const TrapFrame as u64;
     let unhandled =
         |status: u64| (codes::KERNEL_MODE_EXCEPTION_NOT_HANDLED, [status, frame.rip, trap, 0]);
     match frame.vector {
-        0 => unhandled(STATUS_INTEGER_DIVIDE_BY_ZERO),
-        1 => unhandled(STATUS_SINGLE_STEP),
-        2 => (codes::NMI_HARDWARE_FAILURE, [bugcheck::NMI_SOURCE_TAG, 0, 0, 0]),
-        3 => unhandled(STATUS_BREAKPOINT),
-        4 => unhandled(STATUS_INTEGER_OVERFLOW),
-        5 => unhandled(STATUS_ARRAY_BOUNDS_EXCEEDED),
-        6 => unhandled(STATUS_ILLEGAL_INSTRUCTION),
-        13 => unhandled(STATUS_ACCESS_VIOLATION),
+        0 => unhandled(status::STATUS_INTEGER_DIVIDE_BY_ZERO),
+        1 => unhandled(status::STATUS_SINGLE_STEP),
+        2 => (codes::NMI_HARDWARE_FAILURE, [codes::NMI_SOURCE_TAG, 0, 0, 0]),
+        3 => unhandled(status::STATUS_BREAKPOINT),
+        4 => unhandled(status::STATUS_INTEGER_OVERFLOW),
+        5 => unhandled(status::STATUS_ARRAY_BOUNDS_EXCEEDED),
+        6 => unhandled(status::STATUS_ILLEGAL_INSTRUCTION),
+        13 => unhandled(status::STATUS_ACCESS_VIOLATION),
         14 => {
             // PAGE_FAULT_IN_NONPAGED_AREA: address, 0 read / 2 write / 0x10 execute, the
             // instruction, and the type of fault (2: NONPAGED_BUGCHECK_NOT_PRESENT_PAGE_TABLE,
             // 3: a present table without a valid PTE).
-            let address = cr2();
+            let address = cpu::cr2();
             let access = if frame.error_code & 0x10 != 0 {
                 0x10
             } else if frame.error_code & 0x2 != 0 {
@@ -255,8 +208,8 @@ fn bugcheck_for(frame: &TrapFrame) -> (u32, [u64; 4]) {
             let kind = if boot::page_table_missing(address) { 2 } else { 3 };
             (codes::PAGE_FAULT_IN_NONPAGED_AREA, [address, access, frame.rip, kind])
         }
-        17 => unhandled(STATUS_DATATYPE_MISALIGNMENT),
-        16 | 19 => unhandled(STATUS_FLOAT_INVALID_OPERATION),
+        17 => unhandled(status::STATUS_DATATYPE_MISALIGNMENT),
+        16 | 19 => unhandled(status::STATUS_FLOAT_INVALID_OPERATION),
         // #NM, #DF, #TS, #NP, #SS, #MC and the reserved vectors: UNEXPECTED_KERNEL_MODE_TRAP with
         // the vector as Windows reports it (8 for a double fault).
         v => (codes::UNEXPECTED_KERNEL_MODE_TRAP, [v, 0, 0, 0]),

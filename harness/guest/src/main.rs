@@ -3,25 +3,39 @@
 //! A bare-metal x86_64 kernel that plays Windows' part of the bug-check contract for the crashmon
 //! driver (see README.md): it registers the driver's callbacks exactly as Windows would have the
 //! driver do at start, crashes on demand, and writes a Windows crash dump through the driver's
-//! DumpIo callback to the crash-monitor card. One concept per module:
+//! DumpIo callback to the crash-monitor card. One concept per module, in layers that import
+//! one way only (README.md, "Layers"): a module uses the ones below it, never one above; what a
+//! lower layer needs from a higher one (the dump options, the driver's report, whether to reset)
+//! is handed down at boot, by this file.
 //!
-//! * [`boot`]: PVH entry, long mode, paging, GDT/TSS
-//! * [`serial`]: the COM1 log the harness reads
-//! * [`interrupts`]: IDT; every exception and the NMI on an IST stack
-//! * [`pci`]: finds the card and maps its BARs
-//! * [`services`]: pool, spin lock, wait, IRQL (and catching their use at HIGH_LEVEL)
-//! * [`bugcheck`]: KeRegisterBugCheck(Reason)Callback and KeBugCheckEx
-//! * [`dump`]: the dump plan: context, runs, bitmap
-//! * [`workload`]: fills RAM with known content; the known variable
-//! * [`triggers`]: the kernel command line and the crash it asks for
+//! * [`main`](self): boot order, the driver's "DriverEntry", the panic handler
+//! * [`triggers`]: the kernel command line, and the crash it asks for
+//! * [`interrupts`]: IDT; every exception and the NMI on an IST stack, turned into a bug check
+//! * [`workload`]: fills RAM with known content; the known variable and its AddPages callback
 //! * [`misbehave`]: a callback that breaks the rules
-//! * [`global`], [`runtime`]: a static cell; memcpy and friends, the panic handler
+//! * [`pci`]: finds the card and maps its BARs
+//! * [`bugcheck`]: `KeBugCheckEx`: polls the callbacks, writes the dump, runs the legacy
+//!   callbacks
+//! * [`dump`]: the dump plan (context, runs, bitmap) for `crashmon-dump-writer`
+//! * [`callbacks`]: `KeRegisterBugCheck(Reason)Callback` and friends: the callback records
+//! * [`services`]: pool, spin lock, wait, IRQL (refused at HIGH_LEVEL)
+//! * [`violations`]: what a callback did at HIGH_LEVEL that it must not, and the report of it
+//! * [`boot`]: PVH entry, long mode, paging; [`gdt`]: the GDT and the TSS
+//! * [`trap`]: the saved registers of the crashing processor
+//! * [`serial`], [`cmos`], [`cpu`]: the COM1 log; the clock and boot counter; port I/O and
+//!   privileged instructions
+//! * [`codes`], [`global`], [`runtime`]: Windows' codes; a static cell; memcpy and friends
 #![no_std]
 #![no_main]
 
 pub mod boot;
 pub mod bugcheck;
+pub mod callbacks;
+pub mod cmos;
+pub mod codes;
+pub mod cpu;
 pub mod dump;
+pub mod gdt;
 pub mod global;
 pub mod interrupts;
 pub mod misbehave;
@@ -29,7 +43,9 @@ pub mod pci;
 pub mod runtime;
 pub mod serial;
 pub mod services;
+pub mod trap;
 pub mod triggers;
+pub mod violations;
 pub mod workload;
 
 use crashmon_card_abi::SessionState;
@@ -51,7 +67,7 @@ fn fail(what: &str) {
 fn start_driver() -> Result<(), &'static str> {
     let (_, io) = pci::find_card()?;
     let start = || {
-        DRIVER.start(io, &bugcheck::GuestRegistry).map_err(|e| match e {
+        DRIVER.start(io, &callbacks::GuestRegistry).map_err(|e| match e {
             crashmon_guest_driver::driver::StartError::AlreadyStarted => "driver already started",
             crashmon_guest_driver::driver::StartError::Card(_) => "the card refused probe or arm",
             crashmon_guest_driver::driver::StartError::RegistrationFailed => {
@@ -59,12 +75,12 @@ fn start_driver() -> Result<(), &'static str> {
             }
         })
     };
-    let before = bugcheck::registered();
+    let before = callbacks::registered();
     start()?;
-    if bugcheck::registered() != (before.0 + 3, before.1 + 1) {
+    if callbacks::registered() != (before.0 + 3, before.1 + 1) {
         return Err("the driver did not register three reason callbacks and one legacy callback");
     }
-    if !DRIVER.stop(&bugcheck::GuestRegistry) || bugcheck::registered() != before {
+    if !DRIVER.stop(&callbacks::GuestRegistry) || callbacks::registered() != before {
         return Err("unloading the driver left callbacks registered");
     }
     start()?;
@@ -72,8 +88,8 @@ fn start_driver() -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Prints what the driver saw, after the dump.
-pub fn driver_summary() {
+/// Prints what the driver saw, after the dump: handed to the bug check as its report.
+fn driver_summary() {
     let s = DRIVER.session();
     println!(
         "CRASHMON DRIVER SESSION calls={} bytes={} announced={:#x} complete={} error={} final={}",
@@ -117,8 +133,13 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
             fail(e);
         }
     }
-    bugcheck::init();
+    callbacks::init();
     let config = triggers::init(info.cmdline());
+    bugcheck::init(bugcheck::Setup {
+        dump: dump::Settings { kind: config.dump, order: config.order, is_free: workload::is_free },
+        reset_after_dump: config.reset_after_dump(),
+        report: driver_summary,
+    });
     println!("CRASHMON BOOT index={} cmdline=\"{}\"", config.boot_index, info.cmdline());
     if !services::self_test() {
         fail("services self-test");
@@ -126,7 +147,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     if let Err(e) = start_driver() {
         fail(e);
     }
-    if let Err(e) = misbehave::register() {
+    if let Err(e) = misbehave::register(config.misbehave) {
         fail(e);
     }
     if let Err(e) = workload::init(info, config.seed) {
@@ -134,5 +155,14 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     }
     println!("CRASHMON DTB cr3={:#x}", boot::cr3());
     println!("CRASHMON READY");
-    triggers::fire()
+    triggers::fire(&config)
+}
+
+/// A Rust panic is a kernel bug: report it, then bug check as Windows would for an unexpected
+/// kernel failure (0xE2 MANUALLY_INITIATED_CRASH is for users; a panic is treated as
+/// KMODE_EXCEPTION_NOT_HANDLED with a private code, 0xE0000001).
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("CRASHMON PANIC {}", info);
+    bugcheck::KeBugCheckEx(codes::KMODE_EXCEPTION_NOT_HANDLED, 0xE000_0001, 0, 0, 0)
 }

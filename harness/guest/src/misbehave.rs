@@ -10,10 +10,28 @@
 use crashmon_guest_driver::driver::BugCheckRegistry;
 use crashmon_guest_driver::wdm::*;
 
-use crate::bugcheck::GuestRegistry;
+use crate::callbacks::GuestRegistry;
 use crate::global::Global;
 use crate::services::{ExAllocatePoolWithTag, KEvent, KSpinLock};
-use crate::triggers::config;
+
+/// What the misbehaving callback does (`misbehave=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Misbehaviour {
+    /// Allocate pool.
+    pub alloc: bool,
+    /// Acquire a spin lock.
+    pub lock: bool,
+    /// Wait on an event.
+    pub wait: bool,
+}
+
+impl Misbehaviour {
+    /// Nothing: no callback is registered.
+    pub const NONE: Misbehaviour = Misbehaviour { alloc: false, lock: false, wait: false };
+}
+
+/// What the callback does: written once by [`register`] at boot, read by the callback.
+static WHAT: Global<Misbehaviour> = Global::new(Misbehaviour::NONE);
 
 #[link_section = ".crashmon_volatile"]
 static RECORD: Global<KBUGCHECK_REASON_CALLBACK_RECORD> =
@@ -21,12 +39,13 @@ static RECORD: Global<KBUGCHECK_REASON_CALLBACK_RECORD> =
 static LOCK: KSpinLock = KSpinLock::new();
 static EVENT: KEvent = KEvent::new();
 
-/// Registers the misbehaving callback if the command line asks for one.
-pub fn register() -> Result<(), &'static str> {
-    let c = config();
-    if !(c.misbehave_alloc || c.misbehave_lock || c.misbehave_wait) {
+/// Registers the misbehaving callback if `what` asks for anything.
+pub fn register(what: Misbehaviour) -> Result<(), &'static str> {
+    if what == Misbehaviour::NONE {
         return Ok(());
     }
+    // SAFETY: boot time, before the callback is registered: nothing reads WHAT yet.
+    unsafe { *WHAT.get() = what };
     // SAFETY: a resident static record, registered once; 'static component name.
     let ok = unsafe {
         GuestRegistry.register_reason_callback(
@@ -57,16 +76,17 @@ unsafe extern "system" fn misbehaving_callback(
     {
         return;
     }
-    let c = config();
-    if c.misbehave_alloc {
+    // SAFETY: written once at boot, read-only since.
+    let c = unsafe { *WHAT.get() };
+    if c.alloc {
         let _ = ExAllocatePoolWithTag(4096, u32::from_le_bytes(*b"Bad!"));
     }
-    if c.misbehave_lock {
+    if c.lock {
         if let Some(old) = LOCK.acquire() {
             LOCK.release(old);
         }
     }
-    if c.misbehave_wait {
+    if c.wait {
         let _ = EVENT.wait(1_000_000);
     }
     // SAFETY: the bug check passes a valid request, ours to fill.

@@ -10,25 +10,10 @@ use crashmon_card_abi as abi;
 use crashmon_guest_driver::CardIo;
 
 use crate::boot;
+use crate::cpu::{inl, outl};
 
 const CONFIG_ADDRESS: u16 = 0xCF8;
 const CONFIG_DATA: u16 = 0xCFC;
-
-fn outl(port: u16, value: u32) {
-    // SAFETY: PCI configuration ports; no memory effects.
-    unsafe {
-        core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    };
-}
-
-fn inl(port: u16) -> u32 {
-    let value: u32;
-    // SAFETY: PCI configuration ports; no memory effects.
-    unsafe {
-        core::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
-    };
-    value
-}
 
 /// A PCI function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,9 +1,10 @@
 //! # Runtime: what libc and the start files would otherwise provide
 //!
-//! `memcpy`, `memmove`, `memset`, `memcmp`, `bcmp` and `strlen` (the compiler and `core` emit calls to them; the
-//! linux-gnu `compiler_builtins` expects libc to have them) and the panic handler. The memory
-//! routines use `rep movsb`/`rep stosb` in assembly so they cannot be compiled back into calls to
-//! themselves.
+//! `memcpy`, `memmove`, `memset`, `memcmp`, `bcmp` and `strlen` (the compiler and `core` emit
+//! calls to them; the linux-gnu `compiler_builtins` expects libc to have them), and the unwinding
+//! personality routine the prebuilt `core` names. The memory routines use `rep movsb`/`rep stosb`
+//! in assembly so they cannot be compiled back into calls to themselves. The panic handler is in
+//! `main.rs`: it bug checks, and this module is below the bug check.
 
 use core::arch::asm;
 
@@ -100,28 +101,10 @@ pub unsafe extern "C" fn strlen(s: *const u8) -> usize {
     n
 }
 
-/// A Rust panic is a kernel bug: report it, then bug check as Windows would for an unexpected
-/// kernel failure (0xE2 MANUALLY_INITIATED_CRASH is for users; a panic is treated as
-/// KMODE_EXCEPTION_NOT_HANDLED with a private code, 0xE0000001).
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    crate::println!("CRASHMON PANIC {}", info);
-    crate::bugcheck::KeBugCheckEx(
-        crate::bugcheck::codes::KMODE_EXCEPTION_NOT_HANDLED,
-        0xE000_0001,
-        0,
-        0,
-        0,
-    )
-}
-
 /// The prebuilt `core` is compiled with unwinding tables that name `rust_eh_personality`. With
 /// `panic = "abort"` nothing ever unwinds, so the personality routine is never called; it only
 /// has to exist for the link. Reaching it would be a kernel bug, so it halts.
 #[no_mangle]
 pub extern "C" fn rust_eh_personality() {
-    loop {
-        // SAFETY: stopping the processor has no memory effects.
-        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
-    }
+    crate::cpu::halt_forever()
 }

@@ -4,29 +4,11 @@
 //! here (see README.md for the `CRASHMON ...` line protocol). Writing needs no memory beyond the
 //! stack, so logging on the bug-check path changes no RAM the dump has already captured.
 
-use core::arch::asm;
 use core::fmt;
 
+use crate::cpu::{inb, outb};
+
 const COM1: u16 = 0x3F8;
-
-/// Writes `value` to I/O port `port`.
-pub fn outb(port: u16, value: u8) {
-    // SAFETY: port I/O has no memory effects; the ports this kernel writes are the UART, the PCI
-    // configuration ports, CMOS and the reset register, all of which it owns.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    };
-}
-
-/// Reads I/O port `port`.
-pub fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: as for `outb`.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
-    };
-    value
-}
 
 /// Programs the UART: 115200 baud, 8 data bits, no parity, one stop bit, FIFOs on, no
 /// interrupts.

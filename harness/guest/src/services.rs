@@ -11,14 +11,17 @@
 //! Each checks the current IRQL first. At HIGH_LEVEL (during a bug check) the call is a
 //! violation: instead of deadlocking or corrupting the pool as it would on Windows, it is
 //! refused (NULL, not acquired, not waited), printed as `CRASHMON VIOLATION <what> in
-//! <callback>` and recorded by [`crate::bugcheck::report_violation`] for the dump's report blob.
+//! <callback>` and recorded by [`crate::violations`] for the dump's report blob.
+//!
+//! The bug check sits above this module: it raises the IRQL with [`raise_to_high_level_for_good`]
+//! rather than this module asking whether a bug check is running.
 
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crashmon_guest_driver::wdm::{DISPATCH_LEVEL, HIGH_LEVEL, KIRQL, PASSIVE_LEVEL};
 
-use crate::bugcheck::{self, Violation};
 use crate::global::Global;
+use crate::violations::{self, Violation};
 
 /// The current IRQL. HIGH_LEVEL from the moment a bug check starts; written then, so it lives
 /// with the other data the bug-check path writes.
@@ -44,10 +47,23 @@ pub fn KeRaiseIrql(new: KIRQL) -> KIRQL {
     old
 }
 
+/// Set once a bug check has raised the IRQL for good; written then, so it lives with the IRQL.
+#[link_section = ".crashmon_volatile"]
+static PINNED: Global<bool> = Global::new(false);
+
+/// Raises the IRQL to HIGH_LEVEL for the rest of the system's life: what `KeBugCheckEx` does
+/// (a bug check never returns, so nothing may lower it again). Returns the old IRQL.
+pub fn raise_to_high_level_for_good() -> KIRQL {
+    // SAFETY: a bool write; single processor.
+    unsafe { *PINNED.get() = true };
+    KeRaiseIrql(HIGH_LEVEL)
+}
+
 /// `KeLowerIrql`. Never lowers below HIGH_LEVEL once a bug check is running.
 #[allow(non_snake_case)]
 pub fn KeLowerIrql(new: KIRQL) {
-    if KeGetCurrentIrql() == HIGH_LEVEL && bugcheck::active() {
+    // SAFETY: a bool read; single processor.
+    if KeGetCurrentIrql() == HIGH_LEVEL && unsafe { *PINNED.get() } {
         return;
     }
     // SAFETY: a byte write; single processor.
@@ -68,7 +84,7 @@ static POOL_USED: AtomicUsize = AtomicUsize::new(0);
 #[allow(non_snake_case)]
 pub fn ExAllocatePoolWithTag(size: usize, _tag: u32) -> *mut u8 {
     if KeGetCurrentIrql() > DISPATCH_LEVEL {
-        bugcheck::report_violation(Violation::Alloc);
+        violations::report(Violation::Alloc);
         return core::ptr::null_mut();
     }
     let size = (size + 15) & !15;
@@ -96,7 +112,7 @@ impl KSpinLock {
     /// Windows would hang in.
     pub fn acquire(&self) -> Option<KIRQL> {
         if KeGetCurrentIrql() > DISPATCH_LEVEL {
-            bugcheck::report_violation(Violation::Lock);
+            violations::report(Violation::Lock);
             return None;
         }
         if self.0.swap(true, Ordering::Acquire) {
@@ -139,7 +155,7 @@ impl KEvent {
     /// allows only a zero timeout; a violation at HIGH_LEVEL.
     pub fn wait(&self, polls: u64) -> bool {
         if KeGetCurrentIrql() >= DISPATCH_LEVEL {
-            bugcheck::report_violation(Violation::Wait);
+            violations::report(Violation::Wait);
             return false;
         }
         for _ in 0..=polls {

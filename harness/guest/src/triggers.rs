@@ -10,7 +10,7 @@
 //! | `order` | `sequential`, `outoforder` | `sequential` | Offset -1, or explicit offsets written back to front |
 //! | `misbehave` | `alloc`, `lock`, `wait`, comma separated | none | register a SecondaryDumpData callback that breaks those rules |
 //! | `reboot` | number | 0 | after a dump, reset the machine while fewer than this many resets have happened (counted in CMOS), so the next boot crashes again |
-//! | `seed` | number | [`crate::workload::DEFAULT_SEED`] | the workload's seed |
+//! | `seed` | number | [`workload::DEFAULT_SEED`] | the workload's seed |
 //!
 //! Triggers: `bugcheck` calls `KeBugCheckEx`; `nmi` waits halted for an NMI (QMP `inject-nmi`),
 //! which bug checks 0x80 NMI_HARDWARE_FAILURE as Windows does when told to crash on NMI;
@@ -22,10 +22,9 @@ use core::arch::asm;
 
 use crashmon_dump_writer::WriteOrder;
 
-use crate::bugcheck::{self, codes};
-use crate::global::Global;
-use crate::println;
-use crate::serial::{inb, outb};
+use crate::dump::DumpChoice;
+use crate::misbehave::Misbehaviour;
+use crate::{bugcheck, cmos, codes, cpu, println, workload};
 
 /// What to crash with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,15 +41,6 @@ pub enum Trigger {
     None,
 }
 
-/// Full or bitmap dump.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DumpChoice {
-    /// Type 1.
-    Full,
-    /// Type 5.
-    Bitmap,
-}
-
 /// The parsed command line.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
@@ -64,12 +54,8 @@ pub struct Config {
     pub dump: DumpChoice,
     /// `order=`.
     pub order: WriteOrder,
-    /// `misbehave=alloc`.
-    pub misbehave_alloc: bool,
-    /// `misbehave=lock`.
-    pub misbehave_lock: bool,
-    /// `misbehave=wait`.
-    pub misbehave_wait: bool,
+    /// `misbehave=`.
+    pub misbehave: Misbehaviour,
     /// `reboot=`.
     pub reboot: u64,
     /// `seed=`.
@@ -78,24 +64,19 @@ pub struct Config {
     pub boot_index: u64,
 }
 
-static CONFIG: Global<Config> = Global::new(Config {
-    trigger: Trigger::None,
-    code: codes::MANUALLY_INITIATED_CRASH,
-    parameters: [0; 4],
-    dump: DumpChoice::Full,
-    order: WriteOrder::Sequential,
-    misbehave_alloc: false,
-    misbehave_lock: false,
-    misbehave_wait: false,
-    reboot: 0,
-    seed: crate::workload::DEFAULT_SEED,
-    boot_index: 0,
-});
-
-/// The configuration (after [`init`]).
-pub fn config() -> &'static Config {
-    // SAFETY: written once by init at boot, read-only afterwards.
-    unsafe { &*CONFIG.get() }
+impl Config {
+    /// The defaults, before the command line is read.
+    const DEFAULT: Config = Config {
+        trigger: Trigger::None,
+        code: codes::MANUALLY_INITIATED_CRASH,
+        parameters: [0; 4],
+        dump: DumpChoice::Full,
+        order: WriteOrder::Sequential,
+        misbehave: Misbehaviour::NONE,
+        reboot: 0,
+        seed: workload::DEFAULT_SEED,
+        boot_index: 0,
+    };
 }
 
 fn number(s: &str) -> Option<u64> {
@@ -105,26 +86,11 @@ fn number(s: &str) -> Option<u64> {
     }
 }
 
-/// CMOS bytes for the boot counter (bank 0, above what SeaBIOS and QEMU use).
-const CMOS_MARK: u8 = 0x7D;
-const CMOS_COUNT: u8 = 0x7E;
-const MARK: u8 = 0xC4;
-
-fn cmos_read(r: u8) -> u8 {
-    outb(0x70, r);
-    inb(0x71)
-}
-
-fn cmos_write(r: u8, v: u8) {
-    outb(0x70, r);
-    outb(0x71, v);
-}
-
-/// Parses the command line into the configuration and counts this boot. Unknown options are
-/// reported and ignored.
-pub fn init(cmdline: &str) -> &'static Config {
-    // SAFETY: boot time, before anyone reads the configuration.
-    let c = unsafe { CONFIG.as_mut() };
+/// Parses the command line into the configuration and counts this boot ([`cmos::count_boot`]).
+/// Unknown options are reported and ignored.
+pub fn init(cmdline: &str) -> Config {
+    let mut config = Config::DEFAULT;
+    let c = &mut config;
     for option in cmdline.split_ascii_whitespace() {
         let (key, value) = option.split_once('=').unwrap_or((option, ""));
         let ok = match key {
@@ -158,15 +124,15 @@ pub fn init(cmdline: &str) -> &'static Config {
             }
             "misbehave" => value.split(',').all(|m| match m {
                 "alloc" => {
-                    c.misbehave_alloc = true;
+                    c.misbehave.alloc = true;
                     true
                 }
                 "lock" => {
-                    c.misbehave_lock = true;
+                    c.misbehave.lock = true;
                     true
                 }
                 "wait" => {
-                    c.misbehave_wait = true;
+                    c.misbehave.wait = true;
                     true
                 }
                 _ => false,
@@ -179,15 +145,20 @@ pub fn init(cmdline: &str) -> &'static Config {
             println!("CRASHMON ERROR bad option {}", option);
         }
     }
-    c.boot_index = if cmos_read(CMOS_MARK) == MARK { cmos_read(CMOS_COUNT) as u64 } else { 0 };
-    cmos_write(CMOS_MARK, MARK);
-    cmos_write(CMOS_COUNT, (c.boot_index + 1).min(255) as u8);
-    c
+    c.boot_index = cmos::count_boot();
+    config
 }
 
-/// Crashes as configured (after `CRASHMON READY`).
-pub fn fire() -> ! {
-    let c = config();
+impl Config {
+    /// Whether the machine resets after this boot's dump: `reboot=` asks for more boots than
+    /// have happened.
+    pub fn reset_after_dump(&self) -> bool {
+        self.boot_index < self.reboot
+    }
+}
+
+/// Crashes as `c` asks (after `CRASHMON READY`).
+pub fn fire(c: &Config) -> ! {
     match c.trigger {
         Trigger::BugCheck => {
             let p = c.parameters;
@@ -214,24 +185,7 @@ pub fn fire() -> ! {
         println!("CRASHMON WAITING nmi");
     }
     loop {
-        // SAFETY: halt until an NMI (maskable interrupts stay off); the NMI handler bug checks.
-        unsafe { asm!("hlt", options(nomem, nostack)) };
-    }
-}
-
-/// After the dump: reset for the next crash (`reboot=`), or halt forever so the harness can
-/// take `pmemsave` of RAM and compare it with the dump.
-pub fn after_dump() -> ! {
-    let c = config();
-    if c.boot_index < c.reboot {
-        println!("CRASHMON REBOOT");
-        // Reset control register (0xCF9): hard reset.
-        outb(0xCF9, 0x02);
-        outb(0xCF9, 0x06);
-    }
-    println!("CRASHMON HALT");
-    loop {
-        // SAFETY: the final state: interrupts off, halted.
-        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+        // Halt until an NMI (maskable interrupts stay off); the NMI handler bug checks.
+        cpu::halt();
     }
 }

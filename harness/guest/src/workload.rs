@@ -17,13 +17,13 @@
 
 use core::ptr;
 
+use crashmon_guest_driver::driver::BugCheckRegistry;
 use crashmon_guest_driver::wdm::*;
 
 use crate::boot::{self, BootInfo, PAGE_SIZE};
-use crate::bugcheck::GuestRegistry;
+use crate::callbacks::GuestRegistry;
 use crate::global::Global;
 use crate::println;
-use crashmon_guest_driver::driver::BugCheckRegistry;
 
 /// Where the known variable's page is mapped (KUSER_SHARED_DATA's address on x64 Windows).
 pub const VAR_VA: u64 = 0xFFFF_F780_0000_0000;

@@ -33,15 +33,13 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod mmio;
-pub mod ntddk;
 pub mod ntoskrnl;
 pub mod pnp;
 pub mod registry;
-pub mod resources;
 
 use crashmon_guest_driver::CrashmonDriver;
+use crashmon_wdk_types::ntddk::*;
 use mmio::MmioCardIo;
-use ntddk::*;
 
 /// The driver's one instance of the core: the callback records and the card. A `static`, so it
 /// is in the image's non-paged data and never moves while its callbacks are registered. One card

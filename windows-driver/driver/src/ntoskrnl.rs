@@ -19,11 +19,11 @@
 //! | `KeBugCheckEx` | any | the panic handler |
 #![allow(non_snake_case)]
 
-use crate::ntddk::*;
 use crashmon_guest_driver::wdm::{
     KBUGCHECK_CALLBACK_REASON, KBUGCHECK_CALLBACK_RECORD, KBUGCHECK_REASON_CALLBACK_RECORD,
     PKBUGCHECK_CALLBACK_ROUTINE, PKBUGCHECK_REASON_CALLBACK_ROUTINE, PUCHAR,
 };
+use crashmon_wdk_types::ntddk::*;
 
 #[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
 extern "system" {

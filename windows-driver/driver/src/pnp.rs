@@ -17,11 +17,11 @@ use crashmon_guest_driver::driver::StartError;
 use crashmon_guest_driver::CardError;
 
 use crate::mmio::MmioCardIo;
-use crate::ntddk::*;
 use crate::ntoskrnl::*;
 use crate::registry::NtBugCheckRegistry;
-use crate::resources::{card_resources, ResourceError};
 use crate::DRIVER;
+use crashmon_wdk_types::ntddk::*;
+use crashmon_wdk_types::resources::{card_resources, ResourceError};
 
 /// The remove lock's allocation tag ("CMon", as a pool tag reads in a debugger).
 const REMOVE_LOCK_TAG: ULONG = u32::from_le_bytes(*b"CMon");

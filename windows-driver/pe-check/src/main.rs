@@ -2,14 +2,27 @@
 //! default, the one `windows-driver/build.sh` last built) and prints what each saw; `--list`
 //! also lists the functions, imports and data the bug-check callbacks reach. Exit status 1 if
 //! any check fails.
+use clap::Parser;
 use crashmon_windows_driver_check::{checks, package};
 use std::path::PathBuf;
 
+/// Checks crashmon.sys, the Windows driver, as built: headers, entry point, imports, sections,
+/// the bug-check callbacks' call graph, and the INF beside it.
+#[derive(Parser, Debug)]
+#[command(name = "crashmon-pe-check")]
+struct Args {
+    /// Also list the functions, imports and data the bug-check callbacks reach.
+    #[arg(long)]
+    list: bool,
+    /// The driver image; by default the one windows-driver/build.sh last built
+    /// ($CARGO_TARGET_DIR or <repo>/target, then windows-driver/package/crashmon.sys).
+    #[arg(value_name = "PATH/crashmon.sys")]
+    sys: Option<PathBuf>,
+}
+
 fn main() {
-    let mut args: Vec<_> = std::env::args_os().skip(1).collect();
-    let listing = args.iter().any(|a| a == "--list");
-    args.retain(|a| a != "--list");
-    let sys = args.first().map(PathBuf::from).unwrap_or_else(|| {
+    let args = Args::parse();
+    let sys = args.sys.unwrap_or_else(|| {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map_or_else(|| package::repo_root().join("target"), PathBuf::from);
         target.join("windows-driver/package/crashmon.sys")
@@ -32,7 +45,7 @@ fn main() {
             }
         }
     }
-    if listing {
+    if args.list {
         match checks::bug_check_listing(&driver) {
             Ok(text) => print!("{text}"),
             Err(e) => println!("{e}"),

@@ -12,8 +12,11 @@
 /// One symbol: a function, a static or an import slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Symbol {
-    /// The (mangled) name.
+    /// The (mangled) name, as the map has it and reports print it.
     pub name: String,
+    /// The name demangled by `rustc-demangle` (legacy or v0 mangling), without the hash; the
+    /// name itself when it is not a Rust symbol (`DriverEntry`, `__imp_...`).
+    pub demangled: String,
     /// Its RVA.
     pub rva: u32,
     /// The 1-based section number it is in.
@@ -64,7 +67,9 @@ impl MapFile {
                 .checked_sub(base)
                 .and_then(|r| u32::try_from(r).ok())
                 .ok_or_else(|| format!("symbol {} at {va:#x} is not in the image", fields[1]))?;
-            symbols.push(Symbol { name: fields[1].to_owned(), rva, section });
+            let name = fields[1].to_owned();
+            let demangled = format!("{:#}", rustc_demangle::demangle(&name));
+            symbols.push(Symbol { name, demangled, rva, section });
         }
         let preferred_base =
             preferred_base.ok_or("no \"Preferred load address\" line: not a link.exe-style map")?;
@@ -78,9 +83,14 @@ impl MapFile {
         self.symbols.iter().find(|s| s.name == name)
     }
 
-    /// Symbols whose mangled name contains every one of `parts`.
-    pub fn containing(&self, parts: &[&str]) -> Vec<&Symbol> {
-        self.symbols.iter().filter(|s| parts.iter().all(|p| s.name.contains(p))).collect()
+    /// Symbols whose demangled path names every identifier of `path`, in any position
+    /// (`["CrashmonDriver", "dump_io_routine"]` finds
+    /// `<crashmon_guest_driver::driver::CrashmonDriver<crashmon::mmio::MmioCardIo>>::dump_io_routine`).
+    pub fn with_path(&self, path: &[&str]) -> Vec<&Symbol> {
+        self.symbols
+            .iter()
+            .filter(|s| path.iter().all(|p| identifiers(&s.demangled).any(|i| i == *p)))
+            .collect()
     }
 
     /// The symbol `rva` is in: the last one at or before it in the same section (the map has no
@@ -104,11 +114,10 @@ impl MapFile {
     }
 }
 
-/// The length-prefixed identifier `name` as both Rust manglings (legacy and v0) spell it, for
-/// matching a Rust path component in a mangled symbol: `dump_io_routine` is
-/// `15dump_io_routine`.
-pub fn mangled_ident(name: &str) -> String {
-    format!("{}{}", name.len(), name)
+/// The identifiers in a demangled Rust path: what is between `::`, `<`, `>`, `,`, `&`, spaces
+/// and the like.
+fn identifiers(demangled: &str) -> impl Iterator<Item = &str> {
+    demangled.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|i| !i.is_empty())
 }
 
 #[cfg(test)]
@@ -143,7 +152,7 @@ mod tests {
         assert_eq!(map.preferred_base, 0x1_8000_0000);
         assert_eq!(map.symbols.len(), 3);
         assert_eq!(map.exact("DriverEntry").map(|s| (s.rva, s.section)), Some((0x6000, 5)));
-        let found = map.containing(&["CrashmonDriver", &mangled_ident("dump_io_routine")]);
+        let found = map.with_path(&["CrashmonDriver", "dump_io_routine"]);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].rva, 0x1030);
         assert_eq!(map.symbol_at(0x1040).unwrap().rva, 0x1030);

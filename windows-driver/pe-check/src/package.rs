@@ -70,20 +70,17 @@ impl Driver {
         Ok(Driver { sys: sys.to_owned(), dir, image, map })
     }
 
-    /// The one function whose mangled name has every identifier in `path` (length-prefixed,
-    /// as both Rust manglings spell them), or the exact `#[no_mangle]` name if `path` has one
-    /// element that matches exactly.
+    /// The one function whose demangled path has every identifier in `path`, or the exact
+    /// `#[no_mangle]` name if `path` has one element that matches exactly.
     pub fn function(&self, path: &[&str]) -> Result<u32, String> {
         if let [name] = path {
             if let Some(s) = self.map.exact(name) {
                 return Ok(s.rva);
             }
         }
-        let parts: Vec<String> = path.iter().map(|p| crate::map::mangled_ident(p)).collect();
-        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
         let found: Vec<_> = self
             .map
-            .containing(&parts)
+            .with_path(path)
             .into_iter()
             .filter(|s| self.image.section_of(s.rva).is_some_and(|sec| sec.is_executable()))
             .collect();

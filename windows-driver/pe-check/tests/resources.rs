@@ -1,15 +1,12 @@
-//! The driver's resource-list walk, compiled for the host from the driver's own source: finds
-//! BAR0 and BAR2 in `CM_RESOURCE_LIST`s laid out byte by byte as wdm.h describes them (which also
-//! runs the driver's compile-time layout assertions on this 64-bit host).
-
-#[path = "../../driver/src/ntddk.rs"]
-mod ntddk;
-#[allow(dead_code)]
-#[path = "../../driver/src/resources.rs"]
-mod resources;
+//! The driver's resource-list walk (`crashmon-wdk-types`, which crashmon.sys links), run on the
+//! host: finds BAR0 and BAR2 in `CM_RESOURCE_LIST`s laid out byte by byte as wdm.h describes them
+//! (building the crate for this 64-bit host also runs its compile-time layout assertions).
 
 use crashmon_card_abi as abi;
-use resources::{card_resources, CardResources, MemoryRange, ResourceError};
+use crashmon_wdk_types::ntddk;
+use crashmon_wdk_types::resources::{
+    self, card_resources, CardResources, MemoryRange, ResourceError,
+};
 
 const PCI_BUS: i32 = 5; // INTERFACE_TYPE PCIBus
 const PORT: u8 = 1; // CmResourceTypePort

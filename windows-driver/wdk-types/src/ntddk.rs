@@ -12,8 +12,8 @@
 //! `IoSkipCurrentIrpStackLocation`, `NT_SUCCESS`) are functions here, with the macros' exact
 //! semantics.
 //!
-//! This module uses only `core`, so the host-side tests (`windows-driver/pe-check`) compile it
-//! too and check the layouts and the resource-list walk on the build machine.
+//! It uses only `core`, so the host-side tests (`windows-driver/pe-check`) use it too and check
+//! the layouts on the build machine.
 #![allow(
     non_camel_case_types,
     non_snake_case,

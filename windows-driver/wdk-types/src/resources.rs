@@ -6,7 +6,8 @@
 //! datasheet says; whether BAR0 really holds the card's registers is then checked by
 //! [`crashmon_guest_driver::Card::probe`] reading the magic value.
 //!
-//! Uses only `core` and [`crate::ntddk`], so the host-side tests compile it too.
+//! Uses only `core` and [`crate::ntddk`], so the host-side tests (`windows-driver/pe-check`)
+//! run it too.
 #![allow(non_upper_case_globals)]
 
 use crate::ntddk::*;
@@ -49,6 +50,10 @@ pub enum ResourceError {
 }
 
 /// The length of a memory descriptor, decoding `CmResourceTypeMemoryLarge`'s shifted lengths.
+// `#[inline]` here and on `card_resources`: they run only in the driver's start routine, which is
+// in the pageable `PAGE` section. Without it a function from another crate is not inlined (no
+// LTO) and would be compiled into resident `.text` on its own.
+#[inline]
 pub fn memory_length(descriptor: &CM_PARTIAL_RESOURCE_DESCRIPTOR) -> Option<u64> {
     // SAFETY: both union members are plain integers, valid for any bytes; copies of packed
     // fields are taken by value.
@@ -77,6 +82,7 @@ pub fn memory_length(descriptor: &CM_PARTIAL_RESOURCE_DESCRIPTOR) -> Option<u64>
 /// # Safety
 /// `list` must be NULL or point to a valid `CM_RESOURCE_LIST` (as the PnP manager passes in
 /// `Parameters.StartDevice.AllocatedResourcesTranslated`), readable for its full variable length.
+#[inline]
 pub unsafe fn card_resources(
     list: *const CM_RESOURCE_LIST,
 ) -> Result<CardResources, ResourceError> {
