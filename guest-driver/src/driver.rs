@@ -36,9 +36,11 @@
 //! migrates the device (no VFIO device-feature migration, `"vfio":{"transferred":0}`) nor adds
 //! the migration blocker that `vfio_pci_realize` adds for devices that cannot migrate; nor does
 //! the `vfio_user` 0.1.7 server crate implement `VFIO_USER_DEVICE_FEATURE` or the migration
-//! data commands. On the destination the card's BARs are then unassigned: the re-arm cannot
-//! reach the card, and the dump is lost. The harness's `migration` test shows which of the two
-//! happens with the QEMU at hand.
+//! data commands. On the destination the card's BARs are then unassigned and reads of them
+//! return 0 (IDLE): the re-arm cannot reach the card, `rearmed` stays false, the first chunks
+//! that do not fit the slots time out, and the dump is lost (harness/tests/migration.rs pins
+//! this down). A VM with the card must not be live-migrated until QEMU migrates vfio-user
+//! devices, and QEMU 11.1 will not refuse it.
 
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
