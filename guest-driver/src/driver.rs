@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `BugCheckAddPagesCallback` | `KbCallbackAddPages` | learns the bug-check code; adds the pages holding the driver's own state to the dump |
 //! | `BugCheckSecondaryDumpDataCallback` | `KbCallbackSecondaryDumpData` | answers the size query, then supplies a [`SECONDARY_DATA_SIZE`]-byte block tagged [`CRASHMON_SECONDARY_GUID`] (see [`SecondaryData`]) |
-//! | `BugCheckDumpIoCallback` | `KbCallbackDumpIo` | announces the bug check to the card before the first byte (code and parameters from the `DUMP_HEADER64` when the first buffer is the header), then streams every `KBUGCHECK_DUMP_IO` (header, body, secondary data, `KbDumpIoComplete`) through [`Card::dump_io`] |
+//! | `BugCheckDumpIoCallback` | `KbCallbackDumpIo` | re-arms a card found `IDLE` (see [Live migration](#live-migration)), announces the bug check to the card before the first byte (code and parameters from the `DUMP_HEADER64` when the first buffer is the header), then streams every `KBUGCHECK_DUMP_IO` (header, body, secondary data, `KbDumpIoComplete`) through [`Card::dump_io`] |
 //! | `BugCheckCallback` (legacy) | - | runs after the dump: [`Card::abort`] leaves the card in a known final state (closes an unfinished session; a no-op after completion) |
 //!
 //! ## State without locks
@@ -24,6 +24,23 @@
 //! flag (claimed with compare-exchange, never spun on) keeps two `start`/`stop` calls from
 //! overlapping. Taking a lock on the bug-check path would be forbidden anyway (it deadlocks if
 //! the crashed processor held it).
+//!
+//! ## Live migration
+//! The driver arms the card once, at start. A card that lost that ARM since (found `IDLE` at
+//! the first DumpIo) is reset and re-armed there, and [`Session::rearmed`] records it. That is
+//! what a card served by a fresh device model looks like, such as the destination's after a
+//! live migration whose stream carried the guest's PCI configuration but not the card's own
+//! state. QEMU 11.1 carries neither: its `vfio-user-pci` (hw/vfio-user/pci.c,
+//! `vfio_user_pci_realize`) never calls `vfio_migration_realize`, leaves `vfio_save_config` and
+//! `vfio_load_config` NULL ("No live migration support yet") and has no `vmsd`, so it neither
+//! migrates the device (no VFIO device-feature migration, `"vfio":{"transferred":0}`) nor adds
+//! the migration blocker that `vfio_pci_realize` adds for devices that cannot migrate; nor does
+//! the `vfio_user` 0.1.7 server crate implement `VFIO_USER_DEVICE_FEATURE` or the migration
+//! data commands. On the destination the card's BARs are then unassigned and reads of them
+//! return 0 (IDLE): the re-arm cannot reach the card, `rearmed` stays false, the first chunks
+//! that do not fit the slots time out, and the dump is lost (harness/tests/migration.rs pins
+//! this down). A VM with the card must not be live-migrated until QEMU migrates vfio-user
+//! devices, and QEMU 11.1 will not refuse it.
 
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
@@ -132,6 +149,9 @@ pub struct Session {
     pub card_dead: bool,
     /// The card's state after the legacy callback's abort, once it ran.
     pub final_state: Option<SessionState>,
+    /// The card was found `IDLE` at the first DumpIo (it lost the driver's ARM, e.g. a fresh
+    /// device model after a live migration) and was reset and re-armed, which it confirmed.
+    pub rearmed: bool,
 }
 
 /// The block the SecondaryDumpData callback supplies: [`SECONDARY_DATA_SIZE`] bytes, little
@@ -147,7 +167,7 @@ pub struct Session {
 /// | 0x18 | 4 | card `SLOT_COUNT` |
 /// | 0x1C | 4 | card `SLOT_SIZE` |
 /// | 0x20 | 4 | DumpIo calls so far |
-/// | 0x24 | 4 | flags: bit 0 announced, bit 1 complete, bit 2 card dead, bit 3 error seen, bit 4 AddPages called |
+/// | 0x24 | 4 | flags: bit 0 announced, bit 1 complete, bit 2 card dead, bit 3 error seen, bit 4 AddPages called, bit 5 card re-armed at the first DumpIo |
 /// | 0x28 | 8 | payload bytes streamed so far |
 /// | 0x30 | 4 | bug-check code from AddPages (0 if not called) |
 /// | 0x34 | 4 | bug-check code announced (0 if none) |
@@ -177,7 +197,8 @@ impl SecondaryData {
             | (session.complete as u32) << 1
             | (session.card_dead as u32) << 2
             | (session.first_error.is_some() as u32) << 3
-            | (session.add_pages_code.is_some() as u32) << 4;
+            | (session.add_pages_code.is_some() as u32) << 4
+            | (session.rearmed as u32) << 5;
         put(0x24, &flags.to_le_bytes());
         put(0x28, &session.bytes.to_le_bytes());
         put(0x30, &session.add_pages_code.unwrap_or(0).to_le_bytes());
@@ -246,6 +267,7 @@ impl<Io: CardIo> CrashmonDriver<Io> {
                     first_error: None,
                     card_dead: false,
                     final_state: None,
+                    rearmed: false,
                 },
                 secondary: SecondaryData([0; SECONDARY_DATA_SIZE]),
             }),
@@ -573,6 +595,21 @@ impl<Io: CardIo> DriverState<Io> {
                 return;
             }
         };
+        if session.dump_io_calls == 1 && card.state() == Some(SessionState::Idle) {
+            // The card lost the ARM the driver gave it at start (a fresh device model, e.g. the
+            // destination's after a live migration): arm it again before the first byte, or it
+            // refuses every chunk. Only Card's register writes and one STATUS read each: no
+            // waits, allocation or locks on this HIGH_LEVEL path. `rearmed` is set only when
+            // the card then reports ARMED, so a card that is not there at all (reads of an
+            // unmapped BAR) is not mistaken for a re-armed one.
+            card.reset();
+            match card.arm() {
+                Ok(()) => session.rearmed = card.state() == Some(SessionState::Armed),
+                Err(e) => {
+                    session.first_error.get_or_insert(e);
+                }
+            }
+        }
         if session.dump_io_calls == 1 && kind != DumpIoType::Complete {
             // Announce before the first byte when the first buffer is the dump header, which
             // holds the code and all four parameters (Windows writes the header first). When it
@@ -903,6 +940,7 @@ mod tests {
         }
         let s = DRIVER.session();
         assert!(s.complete && s.first_error.is_none());
+        assert!(!s.rearmed, "an armed card is left as it is");
         assert_eq!(s.bytes, 0x2000 + 48);
 
         // Legacy callback after the dump: abort is a no-op on a complete session.
@@ -917,6 +955,98 @@ mod tests {
         assert!(reg.reasons.lock().unwrap().is_empty() && reg.legacy.lock().unwrap().is_empty());
         assert_eq!(CARD.inner.lock().unwrap().state, 0, "reset on unload");
         assert!(!DRIVER.stop(&reg));
+    }
+
+    #[test]
+    fn a_card_that_lost_its_arm_is_rearmed_at_the_first_dump_io_and_takes_the_dump() {
+        static CARD: FakeCard = FakeCard {
+            inner: Mutex::new(FakeInner {
+                regs: [0; 32],
+                state: 0,
+                completed: 0,
+                announces: Vec::new(),
+                chunks: Vec::new(),
+                commands: Vec::new(),
+            }),
+        };
+        static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
+        let reg = FakeRegistry::default();
+        DRIVER.start(&CARD, &reg).unwrap();
+        {
+            // A fresh device model behind the same BARs (the destination of a live
+            // migration): IDLE, and it never saw the driver's ARM.
+            let mut g = CARD.inner.lock().unwrap();
+            g.state = 0;
+            g.commands.clear();
+        }
+        let mut h = header(0x80, [0x4F4454, 0, 0, 0]);
+        dump_io(&reg, u64::MAX, KbDumpIoHeader, &mut h);
+        {
+            let g = CARD.inner.lock().unwrap();
+            assert_eq!(g.commands[..2], [control::RESET, control::ARM], "reset and re-armed first");
+            assert_eq!(g.announces, [(0x80, [0x4F4454, 0, 0, 0])], "then announced");
+            assert_eq!(g.chunks.len(), 0x2000 / 16, "and the header streamed");
+        }
+        dump_io(&reg, u64::MAX, KbDumpIoBody, &mut [7u8; 40]);
+        dump_io(&reg, u64::MAX, KbDumpIoComplete, &mut []);
+        assert_eq!(CARD.inner.lock().unwrap().state, 4, "complete");
+        let s = DRIVER.session();
+        assert!(s.rearmed && s.complete && s.first_error.is_none(), "{s:?}");
+        assert_eq!(s.bytes, 0x2000 + 40);
+        let resets =
+            CARD.inner.lock().unwrap().commands.iter().filter(|&&c| c == control::RESET).count();
+        assert_eq!(resets, 1, "re-armed once, at the first DumpIo only");
+
+        // The secondary data says so: flags bit 5.
+        let (record, routine) = reg.reason(KbCallbackSecondaryDumpData);
+        let mut block = [0u8; SECONDARY_DATA_SIZE];
+        let mut req = KBUGCHECK_SECONDARY_DUMP_DATA {
+            InBuffer: block.as_mut_ptr() as PVOID,
+            InBufferLength: SECONDARY_DATA_SIZE as u32,
+            MaximumAllowed: 0x1000,
+            Guid: GUID::NULL,
+            OutBuffer: block.as_mut_ptr() as PVOID,
+            OutBufferLength: 0,
+        };
+        let len = size_of::<KBUGCHECK_SECONDARY_DUMP_DATA>() as u32;
+        // SAFETY: as the system calls it.
+        unsafe { routine(KbCallbackSecondaryDumpData, record, as_pvoid(&mut req), len) };
+        let flags = u32::from_le_bytes(block[0x24..0x28].try_into().unwrap());
+        assert_eq!(flags & (1 << 5), 1 << 5, "flags {flags:#x}");
+        DRIVER.stop(&reg);
+    }
+
+    #[test]
+    fn a_card_that_is_not_there_is_not_counted_as_rearmed() {
+        /// A card whose BARs stop decoding (the destination of a live migration when QEMU did
+        /// not carry the PCI configuration): reads then return zeros, which STATUS decodes as
+        /// IDLE, and writes go nowhere.
+        struct Vanishing(core::sync::atomic::AtomicBool);
+        impl CardIo for &'static Vanishing {
+            fn read_register(&self, offset: u32) -> u32 {
+                if self.0.load(Ordering::Relaxed) {
+                    return 0;
+                }
+                match offset {
+                    regs::MAGIC => abi::MAGIC_VALUE,
+                    regs::VERSION => abi::ABI_VERSION,
+                    regs::SLOT_COUNT => 2,
+                    regs::SLOT_SIZE => 16,
+                    _ => 0,
+                }
+            }
+            fn write_register(&self, _: u32, _: u32) {}
+            fn write_window(&self, _: usize, _: &[u8]) {}
+        }
+        static CARD: Vanishing = Vanishing(core::sync::atomic::AtomicBool::new(false));
+        let mut state = DriverState {
+            card: Some(Card::probe(&CARD).unwrap()),
+            session: Session::default(),
+            secondary: SecondaryData([0; SECONDARY_DATA_SIZE]),
+        };
+        CARD.0.store(true, Ordering::Relaxed);
+        state.dump_io(u64::MAX, KbDumpIoBody, &[1u8; 4]);
+        assert!(!state.session.rearmed, "{:?}", state.session);
     }
 
     #[test]

@@ -169,6 +169,57 @@ impl QmpClient {
         self.execute(&qmp::pmemsave { val: address, size, filename }).map(drop)
     }
 
+    /// `migrate`: starts migrating the VM to `uri` (e.g. `unix:/run/mig.sock`), where a QEMU
+    /// started with `-incoming` listens. Returns once migration has started; follow it with
+    /// [`QmpClient::query_migrate`] or [`QmpClient::wait_migration`]. QEMU refuses at once (an
+    /// error here) when a migration blocker is in place.
+    pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
+        let command =
+            qmp::migrate { uri: Some(uri.to_owned()), channels: None, detach: None, resume: None };
+        self.execute(&command).map(drop)
+    }
+
+    /// `migrate-incoming`: makes a QEMU started with `-incoming defer` listen on `uri` for the
+    /// migration stream.
+    pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
+        let command = qmp::migrate_incoming {
+            uri: Some(uri.to_owned()),
+            channels: None,
+            exit_on_error: None,
+        };
+        self.execute(&command).map(drop)
+    }
+
+    /// `query-migrate`: the state of the current (or last) migration, on either side.
+    pub fn query_migrate(&mut self) -> Result<qmp::MigrationInfo, QmpError> {
+        self.execute(&qmp::query_migrate {})
+    }
+
+    /// Polls `query-migrate` until the migration is `completed` (returning its info) or
+    /// `failed`/`cancelled` (an error with QEMU's reason), for up to `timeout`.
+    pub fn wait_migration(&mut self, timeout: Duration) -> Result<qmp::MigrationInfo, QmpError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.query_migrate()?;
+            match info.status {
+                Some(qmp::MigrationStatus::completed) => return Ok(info),
+                Some(qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled) => {
+                    return Err(QmpError::Protocol {
+                        reason: "the migration did not complete".into(),
+                        message: format!("{:?}: {:?}", info.status, info.error_desc),
+                    })
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(QmpError::Timeout(format!(
+                        "migration to complete ({timeout:?}); last status {:?}",
+                        info.status
+                    )))
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
     /// `human-monitor-command`: runs an HMP command and returns its text output.
     pub fn human_monitor_command(&mut self, command_line: &str) -> Result<String, QmpError> {
         self.execute(&qmp::human_monitor_command {

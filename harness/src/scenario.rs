@@ -194,6 +194,8 @@ pub struct Running {
     pub run_dir: PathBuf,
     /// Where the device model writes dumps.
     pub dumps_dir: PathBuf,
+    /// What the guest printed on the migration source before it moved here.
+    serial_before: Vec<serial::Line>,
     started: Instant,
 }
 
@@ -210,6 +212,28 @@ impl Running {
         scenario: &Scenario,
         run_dir: &Path,
         dumps_dir: &Path,
+    ) -> Result<Running> {
+        Self::launch(rig, scenario, run_dir, dumps_dir, None)
+    }
+
+    /// The destination of a live migration: its own device model (dumps in `dumps_dir`) and a
+    /// QEMU started like [`Running::start`]'s but with `-incoming defer`, waiting for
+    /// [`migrate`] to bring the guest over.
+    pub fn start_incoming(
+        rig: &Rig,
+        scenario: &Scenario,
+        run_dir: &Path,
+        dumps_dir: &Path,
+    ) -> Result<Running> {
+        Self::launch(rig, scenario, run_dir, dumps_dir, Some("defer"))
+    }
+
+    fn launch(
+        rig: &Rig,
+        scenario: &Scenario,
+        run_dir: &Path,
+        dumps_dir: &Path,
+        incoming: Option<&str>,
     ) -> Result<Running> {
         ensure!(scenario.memory_mb <= 2048, "guest RAM above 2 GiB would straddle the PCI hole");
         std::fs::create_dir_all(run_dir)?;
@@ -230,6 +254,7 @@ impl Running {
         config.memory_mb = scenario.memory_mb;
         config.kernel = Some(rig.kernel.clone());
         config.append = Some(scenario.append());
+        config.incoming = incoming.map(str::to_owned);
         let mut vm = Vm::launch(&rig.qemu, &config)?;
         let qmp = vm.connect_qmp(Duration::from_secs(60))?;
         Ok(Running {
@@ -238,13 +263,16 @@ impl Running {
             qmp,
             run_dir: run_dir.to_owned(),
             dumps_dir,
+            serial_before: Vec::new(),
             started: Instant::now(),
         })
     }
 
-    /// The guest's serial lines so far.
+    /// The guest's serial lines so far (after a migration, the source's lines first).
     pub fn serial(&self) -> Vec<serial::Line> {
-        serial::read(self.vm.serial_log())
+        let mut lines = self.serial_before.clone();
+        lines.extend(serial::read(self.vm.serial_log()));
+        lines
     }
 
     /// Waits until the serial log has `count` lines of `kind`, failing early on a guest error.
@@ -333,6 +361,46 @@ impl Running {
         ensure!(status.success(), "the device model exited with {status}\n{}", self.logs());
         Ok(self.started.elapsed())
     }
+}
+
+/// Live-migrates the guest of `source` to `destination` (started with
+/// [`Running::start_incoming`]) over a unix socket in the destination's run folder, waits until
+/// both sides report the migration completed and the destination runs, and shuts the source down
+/// cleanly. Returns the destination, whose serial lines now begin with the source's, and the
+/// source's final `query-migrate` (what was transferred, e.g. `vfio.transferred`).
+pub fn migrate(
+    mut source: Running,
+    mut destination: Running,
+) -> Result<(Running, crate::qmp::qmp::MigrationInfo)> {
+    let socket = destination.run_dir.join("migration.sock");
+    let uri = format!("unix:{}", socket.display());
+    destination
+        .qmp
+        .migrate_incoming(&uri)
+        .with_context(|| format!("QMP migrate-incoming {uri}\n{}", destination.logs()))?;
+    source.qmp.migrate(&uri).with_context(|| format!("QMP migrate {uri}\n{}", source.logs()))?;
+    let timeout = Duration::from_secs(120);
+    let info = source
+        .qmp
+        .wait_migration(timeout)
+        .with_context(|| format!("migration on the source\n{}", source.logs()))?;
+    log::info!("migration completed on the source: {info:?}");
+    destination
+        .qmp
+        .wait_migration(timeout)
+        .with_context(|| format!("migration on the destination\n{}", destination.logs()))?;
+    let deadline = Instant::now() + timeout;
+    while !destination.qmp.query_status()?.running {
+        ensure!(
+            Instant::now() < deadline,
+            "the destination did not resume the guest\n{}",
+            destination.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    destination.serial_before = source.serial();
+    source.finish().context("shutting down the migration source")?;
+    Ok((destination, info))
 }
 
 /// How long one guest may take to boot, crash and dump under TCG.

@@ -148,6 +148,9 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// The kernel's command line.
     pub append: Option<String>,
+    /// QEMU's `-incoming`: `Some("defer")` (or a URI such as `unix:PATH`) starts a destination
+    /// of a live migration, which waits for the migration stream instead of booting.
+    pub incoming: Option<String>,
 }
 
 impl VmConfig {
@@ -161,6 +164,7 @@ impl VmConfig {
             kernel: None,
             initrd: None,
             append: None,
+            incoming: None,
         }
     }
 
@@ -189,6 +193,7 @@ impl VmConfig {
             ("KERNEL", optional_qemu_path("the kernel", &self.kernel)?),
             ("INITRD", optional_qemu_path("the initrd", &self.initrd)?),
             ("APPEND", self.append.as_deref()),
+            ("INCOMING", self.incoming.as_deref()),
         ];
         let vm = render(VM_ARGS, &values)?;
         let card = card_args(&self.card_socket, self.memory_mb)?;
@@ -368,5 +373,9 @@ mod tests {
         assert!(args.windows(2).any(|w| w == ["-kernel", "/k/bzImage"]));
         assert!(args.windows(2).any(|w| w == ["-append", "console=ttyS0 panic=-1"]));
         assert!(!args.iter().any(|a| a == "-initrd"));
+        assert!(!args.iter().any(|a| a == "-incoming"));
+        config.incoming = Some("defer".into());
+        let args = config.args().unwrap();
+        assert!(args.windows(2).any(|w| w == ["-incoming", "defer"]));
     }
 }

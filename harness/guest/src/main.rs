@@ -92,7 +92,7 @@ fn start_driver() -> Result<(), &'static str> {
 fn driver_summary() {
     let s = DRIVER.session();
     println!(
-        "CRASHMON DRIVER SESSION calls={} bytes={} announced={:#x} complete={} error={} final={}",
+        "CRASHMON DRIVER SESSION calls={} bytes={} announced={:#x} complete={} error={} final={} rearmed={}",
         s.dump_io_calls,
         s.bytes,
         s.announced.map_or(0, |a| a.0 as u64),
@@ -114,6 +114,7 @@ fn driver_summary() {
             Some(SessionState::Aborted) => "aborted",
             Some(SessionState::Finishing) => "finishing",
         },
+        s.rearmed as u8,
     );
 }
 
