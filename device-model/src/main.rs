@@ -216,6 +216,22 @@ fn listen(socket: &Path) -> Result<std::os::unix::net::UnixListener> {
     Ok(listener)
 }
 
+/// Whether a connection's error is only its peer going away (reset, closed mid-message).
+fn vm_went_away(e: &vfio_user::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// How long the exit path waits for the last events to be written.
 const EVENTS_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -283,7 +299,10 @@ fn run(cli: Cli) -> Result<()> {
     let mut backend = CardBackend::new(card.clone());
     let mut recovery = Some(recovery);
     loop {
-        let result = server.run(&mut backend);
+        // QEMU killed or gone mid-message is the VM going away, as a clean close is; anything
+        // else the client did wrong is an error (logged, and --once's exit status).
+        let result =
+            server.run(&mut backend).or_else(|e| if vm_went_away(&e) { Ok(()) } else { Err(e) });
         match &result {
             Ok(()) => info!("VM disconnected"),
             Err(e) => error!("VM connection ended with an error: {e}"),

@@ -136,7 +136,8 @@ fn bench(sizes: &[u32], repeat: usize, table: &std::path::Path) -> Result<()> {
 fn qemu_line(socket: PathBuf, memory_mb: u32) -> Result<()> {
     let socket = std::path::absolute(&socket)
         .with_context(|| format!("bad socket path {}", socket.display()))?;
-    println!("{}", vm::shell_lines(&vm::card_args(&socket, memory_mb)?));
+    let no_migration = std::path::Path::new(vm::DEFAULT_NO_MIGRATION_DIR);
+    println!("{}", vm::shell_lines(&vm::card_args(&socket, memory_mb, Some(no_migration))?));
     Ok(())
 }
 
@@ -190,7 +191,8 @@ fn demo(out: PathBuf, scenario: &Scenario) -> Result<()> {
         example_socket.display()
     );
     println!("and add these options to its QEMU command line (QEMU 10.1+ with vfio-user-pci):");
-    let line = vm::shell_lines(&vm::card_args(&example_socket, 4096)?);
+    let no_migration = std::path::Path::new(vm::DEFAULT_NO_MIGRATION_DIR);
+    let line = vm::shell_lines(&vm::card_args(&example_socket, 4096, Some(no_migration))?);
     println!("  {}", line.replace('\n', "\n  "));
     println!("(qemu-config/ has the same as a libvirt snippet and a systemd unit.)");
     Ok(())

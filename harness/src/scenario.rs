@@ -73,6 +73,8 @@ pub struct Scenario {
     /// How long the dumps may take to be complete on the host once the guest has halted (a
     /// slow disk needs longer).
     pub dump_timeout: Duration,
+    /// Whether QEMU refuses live migration, as `crashmon-card.args` makes it (the default).
+    pub migration_blocker: bool,
 }
 
 impl Scenario {
@@ -90,6 +92,7 @@ impl Scenario {
             reboots: 0,
             memory_mb: 128,
             dump_timeout: Duration::from_secs(60),
+            migration_blocker: true,
         }
     }
 
@@ -255,6 +258,7 @@ impl Running {
         config.kernel = Some(rig.kernel.clone());
         config.append = Some(scenario.append());
         config.incoming = incoming.map(str::to_owned);
+        config.migration_blocker = scenario.migration_blocker;
         let mut vm = Vm::launch(&rig.qemu, &config)?;
         let qmp = vm.connect_qmp(Duration::from_secs(60))?;
         Ok(Running {

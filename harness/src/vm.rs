@@ -94,11 +94,31 @@ pub fn render(
     Ok(lines)
 }
 
+/// The empty folder `crashmon-card.args` names for the node that makes QEMU refuse live
+/// migration, on a host set up with the systemd unit (its `StateDirectory`).
+pub const DEFAULT_NO_MIGRATION_DIR: &str = "/var/lib/crashmon/no-migration";
+
 /// The card's options for a VM with `memory_mb` MiB of RAM and the device model on `socket`,
-/// one option (with its value) per entry.
-pub fn card_args(socket: &Path, memory_mb: u32) -> Result<Vec<Vec<String>>, VmError> {
+/// one option (with its value) per entry. With `no_migration` (an empty folder), QEMU refuses
+/// to live-migrate the VM, which would lose the card (see `crashmon-card.args`).
+pub fn card_args(
+    socket: &Path,
+    memory_mb: u32,
+    no_migration: Option<&Path>,
+) -> Result<Vec<Vec<String>>, VmError> {
     let socket = qemu_path("the card socket", socket)?;
-    render(CARD_ARGS, &[("SOCKET", Some(socket)), ("MEM", Some(&memory_mb.to_string()))])
+    let no_migration = match no_migration {
+        Some(dir) => Some(qemu_path("the no-migration folder", dir)?),
+        None => None,
+    };
+    render(
+        CARD_ARGS,
+        &[
+            ("SOCKET", Some(socket)),
+            ("MEM", Some(&memory_mb.to_string())),
+            ("NO_MIGRATION_DIR", no_migration),
+        ],
+    )
 }
 
 /// Formats option lines for a shell, one option per line joined by backslash-newlines.
@@ -151,6 +171,9 @@ pub struct VmConfig {
     /// QEMU's `-incoming`: `Some("defer")` (or a URI such as `unix:PATH`) starts a destination
     /// of a live migration, which waits for the migration stream instead of booting.
     pub incoming: Option<String>,
+    /// Whether QEMU refuses live migration (the default, as `crashmon-card.args` has it); off
+    /// only to show what a migration does to the card.
+    pub migration_blocker: bool,
 }
 
 impl VmConfig {
@@ -165,7 +188,13 @@ impl VmConfig {
             initrd: None,
             append: None,
             incoming: None,
+            migration_blocker: true,
         }
+    }
+
+    /// The empty folder behind the node that blocks live migration.
+    pub fn no_migration_dir(&self) -> PathBuf {
+        self.run_dir.join("no-migration")
     }
 
     /// QEMU's QMP socket.
@@ -196,7 +225,12 @@ impl VmConfig {
             ("INCOMING", self.incoming.as_deref()),
         ];
         let vm = render(VM_ARGS, &values)?;
-        let card = card_args(&self.card_socket, self.memory_mb)?;
+        let no_migration = self.no_migration_dir();
+        let card = card_args(
+            &self.card_socket,
+            self.memory_mb,
+            self.migration_blocker.then_some(no_migration.as_path()),
+        )?;
         Ok(vm.into_iter().chain(card).flatten().collect())
     }
 }
@@ -216,6 +250,11 @@ impl Vm {
         let io_error = |context: String| move |source| VmError::Io { context, source };
         std::fs::create_dir_all(&config.run_dir)
             .map_err(io_error(format!("cannot create {}", config.run_dir.display())))?;
+        if config.migration_blocker {
+            let dir = config.no_migration_dir();
+            std::fs::create_dir_all(&dir)
+                .map_err(io_error(format!("cannot create {}", dir.display())))?;
+        }
         let qemu_log = config.qemu_log();
         let log = File::create(&qemu_log)
             .map_err(io_error(format!("cannot create {}", qemu_log.display())))?;
@@ -340,7 +379,7 @@ mod tests {
 
     #[test]
     fn the_card_gets_shared_memfd_ram_and_a_vfio_user_device() {
-        let lines = card_args(Path::new("/run/crashmon/vm1.sock"), 2048).unwrap();
+        let lines = card_args(Path::new("/run/crashmon/vm1.sock"), 2048, None).unwrap();
         let text = shell_lines(&lines);
         assert_eq!(
             text,
@@ -350,9 +389,16 @@ mod tests {
              -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"/run/crashmon/vm1.sock\",\"type\":\"unix\"}}'"
         );
         assert!(matches!(
-            card_args(Path::new("/tmp/a,b"), 1),
+            card_args(Path::new("/tmp/a,b"), 1, None),
             Err(VmError::UnsuitablePath { bad: ',', .. })
         ));
+        // With the folder, the node that makes QEMU refuse live migration comes first.
+        let blocked =
+            card_args(Path::new("/s"), 64, Some(Path::new(DEFAULT_NO_MIGRATION_DIR))).unwrap();
+        assert_eq!(blocked.len(), lines.len() + 1);
+        assert_eq!(blocked[3][0], "-blockdev");
+        assert!(blocked[3][1].contains("\"dir\":\"/var/lib/crashmon/no-migration\""));
+        assert!(blocked[3][1].contains("crashmon-card-cannot-migrate"));
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! Live migration of a VM with the card, on the QEMU the harness runs (11.1).
 //!
+//! By default (`crashmon-card.args`), QEMU refuses to migrate a VM with the card: a block node
+//! QEMU cannot migrate (vvfat, read-write, attached to nothing) is its migration blocker, so
+//! `migrate` fails with an error that names `crashmon-card-cannot-migrate`, and the VM stays on
+//! the host whose device model captures its crashes. The first test shows that; the second shows
+//! why, with the blocker left out:
+//!
 //! The guest arms card A (device model A) on the source, the VM live-migrates over a unix
 //! socket to a destination QEMU started identically but with `-incoming defer` and card B
 //! (device model B, its own socket and output folder), and the host's NMI makes the guest bug
@@ -40,13 +46,45 @@ fn files_in(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
-fn qemu_11_1_live_migrates_the_vm_but_not_the_card_and_a_crash_on_the_destination_is_lost(
+fn live_migration_is_refused_and_the_source_still_captures_the_crash() -> Result<()> {
+    let rig = rig();
+    let dir = tempfile::Builder::new().prefix("crashmon-no-migration-").tempdir()?;
+    let mut s = Scenario::new("no-migrate");
+    s.trigger = Trigger::Nmi;
+    s.memory_mb = 64;
+    let (dumps_a, dumps_b) = (dir.path().join("dumps-a"), dir.path().join("dumps-b"));
+    let mut source = Running::start_with_dumps_in(&rig, &s, &dir.path().join("a"), &dumps_a)?;
+    source.wait_serial("WAITING nmi", 1, CRASH_TIMEOUT)?;
+    let mut destination = Running::start_incoming(&rig, &s, &dir.path().join("b"), &dumps_b)?;
+    let uri = format!("unix:{}", dir.path().join("b/migration.sock").display());
+    destination.qmp.migrate_incoming(&uri)?;
+    let refused = source.qmp.migrate(&uri).expect_err("QEMU migrated a VM with the card");
+    let refusal = format!("{refused:#}");
+    println!("migrate: {refusal}");
+    ensure!(
+        refusal.contains("crashmon-card-cannot-migrate") && refusal.contains("live migration"),
+        "not the card's refusal: {refusal}"
+    );
+    ensure!(source.qmp.query_status()?.running, "the source VM no longer runs");
+    let _ = destination.qmp.quit();
+    drop(destination);
+    // The VM never left: its crash is captured on the source and verifies like any other.
+    let outcome = scenario::complete(source, &s)?;
+    ensure!(outcome.dumps.len() == 1 && outcome.dumps[0].bugcheck.0 == 0x80);
+    println!("{}", outcome.dumps[0].report());
+    ensure!(files_in(&dumps_b).is_empty(), "the destination's device model got files");
+    Ok(())
+}
+
+#[test]
+fn without_the_blocker_qemu_11_1_migrates_the_vm_but_not_the_card_and_the_crash_is_lost(
 ) -> Result<()> {
     let rig = rig();
     let dir = tempfile::Builder::new().prefix("crashmon-migration-").tempdir()?;
     let mut s = Scenario::new("migrate");
     s.trigger = Trigger::Nmi;
     s.memory_mb = 64;
+    s.migration_blocker = false;
     let (dumps_a, dumps_b) = (dir.path().join("dumps-a"), dir.path().join("dumps-b"));
     let mut source = Running::start_with_dumps_in(&rig, &s, &dir.path().join("a"), &dumps_a)?;
     // The driver armed card A ("DRIVER started") before the guest waits for the NMI.
