@@ -8,7 +8,7 @@ use crashmon_device_model::card::CrashMonitorCard;
 use crashmon_device_model::data_window::DataWindow;
 use crashmon_device_model::size::parse_size;
 use crashmon_device_model::vfio::{self, CardBackend, SharedCard};
-use log::{error, info};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::fs;
@@ -45,6 +45,14 @@ struct Cli {
     /// Group of dumps and sidecars (a name or a number), e.g. the operators' group.
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     file_group: Option<u32>,
+    /// Permission bits of the socket, in octal, set once it is bound: e.g. 0660 to let
+    /// --socket-group connect. Without it the process umask decides.
+    #[arg(long, value_name = "MODE", value_parser = parse_socket_mode)]
+    socket_mode: Option<u32>,
+    /// Group of the socket (a name or a number), e.g. kvm for QEMU under libvirt; the device
+    /// model must be a member of it.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
 }
 
 fn parse_file_mode(text: &str) -> Result<u32, String> {
@@ -54,6 +62,18 @@ fn parse_file_mode(text: &str) -> Result<u32, String> {
         return Err(format!(
             "'{text}' must give the owner read and write, and nothing beyond 0660 \
              (dumps are never executable or world-readable)"
+        ));
+    }
+    Ok(mode)
+}
+
+fn parse_socket_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("'{text}' is not an octal mode such as 0660"))?;
+    if mode & !0o660 != 0 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "'{text}' must give the owner read and write, and nothing beyond 0660 \
+             (the socket is never world-connectable)"
         ));
     }
     Ok(mode)
@@ -181,6 +201,10 @@ fn run(cli: Cli) -> Result<()> {
                 .map_or_else(|| e.to_string(), io_cause);
             anyhow!("cannot listen on {}: {cause}", cli.socket.display())
         })?;
+    if let Err(e) = set_socket_access(&cli.socket, cli.socket_mode, cli.socket_group) {
+        let _ = fs::remove_file(&cli.socket);
+        return Err(e);
+    }
     spawn_signal_handler(card.clone(), cli.socket.clone())?;
     // Partial dumps left by a device model that was killed are closed in the background: hashing
     // them reads whole files, and the socket must be there for QEMU at once.
@@ -195,6 +219,11 @@ fn run(cli: Cli) -> Result<()> {
         cli.socket.display(),
         cli.output_dir.display()
     );
+    // Readiness for systemd (Type=notify): the socket is there for QEMU. Without NOTIFY_SOCKET,
+    // as outside systemd, nothing is sent.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        warn!("cannot tell systemd the card is ready: {e}");
+    }
 
     let mut backend = CardBackend::new(card.clone());
     let mut recovery = Some(recovery);
@@ -219,6 +248,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         info!("waiting for the next VM on {}", cli.socket.display());
     }
+}
+
+/// Gives the bound socket its --socket-group, then its --socket-mode (in that order: a change of
+/// owner may clear mode bits). Until then it has the umask's mode, the stricter one in a unit.
+fn set_socket_access(socket: &Path, mode: Option<u32>, group: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(socket, None, Some(gid)).map_err(|e| {
+            anyhow!("cannot give socket {} group {gid}: {}", socket.display(), io_cause(&e))
+        })?;
+    }
+    if let Some(mode) = mode {
+        fs::set_permissions(socket, fs::Permissions::from_mode(mode)).map_err(|e| {
+            anyhow!("cannot set the mode of socket {}: {}", socket.display(), io_cause(&e))
+        })?;
+    }
+    Ok(())
 }
 
 /// On SIGINT or SIGTERM: keep the open dump (as incomplete), remove the socket, exit 0.
