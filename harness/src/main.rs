@@ -9,6 +9,9 @@ use crashmon_harness::vm;
 use crashmon_harness::{pci, workspace_root};
 use std::path::PathBuf;
 
+/// The most RAM `qemu-line` writes options for, in MiB (4 TiB).
+const MAX_QEMU_LINE_MB: i64 = 4 << 20;
+
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
@@ -74,15 +77,23 @@ enum Cmd {
         /// The socket crashmon-device listens on (its --socket).
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
-        /// The VM's RAM in MiB (the options replace its -m).
-        #[arg(long, default_value_t = 1024)]
+        /// The VM's RAM in MiB (the options replace its -m): 16 to 4194304 (4 TiB).
+        #[arg(long, default_value_t = 1024,
+              value_parser = clap::value_parser!(u32).range(16..=MAX_QEMU_LINE_MB))]
         memory_mb: u32,
     },
 }
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("crashmon-harness: {} (see --help)", one_line(&e.to_string()));
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         Cmd::ProvisionQemu => provision_qemu(),
         Cmd::Demo { out, memory_mb, vm_name, trigger, bitmap, out_of_order } => {
@@ -105,6 +116,21 @@ fn main() {
         eprintln!("crashmon-harness: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Folds clap's multi-line message into one line, dropping its usage block, its tips and its
+/// own pointer to --help (the caller adds one), and the "error:" prefix.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("tip:") && !l.starts_with("For more information")
+        })
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn provision_qemu() -> Result<()> {
