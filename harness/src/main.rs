@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use crashmon_harness::progress::DumpProgress;
 use crashmon_harness::qemu::{Qemu, QemuSource};
 use crashmon_harness::scenario::{self, Rig, Running, Scenario, Trigger};
 use crashmon_harness::vm;
@@ -183,6 +184,10 @@ fn demo(out: PathBuf, scenario: &Scenario) -> Result<()> {
     let rig = Rig::prepare()?;
     println!("QEMU:         {} ({})", rig.qemu.version()?, rig.qemu.binary().display());
     println!("guest kernel: {}", rig.kernel.display());
+    // Watching from before the device model starts: the guest may crash as soon as it is up.
+    // A full dump holds all of guest RAM (plus a header); a bitmap dump's size is not known.
+    let expected = (!scenario.bitmap).then_some(u64::from(scenario.memory_mb) << 20);
+    let progress = DumpProgress::watch(&dumps, &scenario.name, expected);
     let mut r = Running::start_with_dumps_in(&rig, scenario, runtime.path(), &dumps)?;
     println!("device model: pid {}, card on {}", r.card.pid(), r.card.socket().display());
     println!("guest:        -m {} -append '{}'", scenario.memory_mb, scenario.append());
@@ -200,6 +205,7 @@ fn demo(out: PathBuf, scenario: &Scenario) -> Result<()> {
     println!("\nCrashing the guest with {} ...", scenario.describe_trigger());
     let serial = r.vm.serial_log().to_owned();
     let outcome = scenario::complete(r, scenario);
+    progress.finish();
     std::fs::copy(&serial, logs.join("serial.log")).ok();
     std::fs::copy(runtime.path().join("device.log"), logs.join("device.log")).ok();
     std::fs::copy(runtime.path().join("qemu.log"), logs.join("qemu.log")).ok();

@@ -66,6 +66,8 @@ fn the_demo_runs_twice_in_one_output_folder() {
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert!(result.status.success(), "demo run {run} failed:\n{stdout}\n{stderr}");
         assert!(stdout.contains("The dump is on the host and verified"), "run {run}: {stdout}");
+        // The progress, on stderr (plain lines: stderr is not a terminal here).
+        assert!(stderr.contains(": complete, "), "run {run} showed no progress: {stderr}");
         let dumps = dumps_in(&out.path().join("dumps"));
         assert_eq!(dumps.len(), run, "after run {run}: {dumps:?}");
         // The run's report names its own, newest dump.
