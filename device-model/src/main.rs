@@ -9,7 +9,7 @@ use crashmon_device_model::data_window::DataWindow;
 use crashmon_device_model::events::{self, Events, EventsConfig};
 use crashmon_device_model::size::parse_size;
 use crashmon_device_model::vfio::{self, CardBackend, SharedCard};
-use log::{error, info};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::fs;
@@ -76,6 +76,14 @@ struct Cli {
     /// Seconds a hook may run before it is killed.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     hook_timeout: u64,
+    /// Permission bits of the socket, in octal, set once it is bound: e.g. 0660 to let
+    /// --socket-group connect. Without it the process umask decides.
+    #[arg(long, value_name = "MODE", value_parser = parse_socket_mode)]
+    socket_mode: Option<u32>,
+    /// Group of the socket (a name or a number), e.g. kvm for QEMU under libvirt; the device
+    /// model must be a member of it.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
 }
 
 fn parse_file_mode(text: &str) -> Result<u32, String> {
@@ -85,6 +93,18 @@ fn parse_file_mode(text: &str) -> Result<u32, String> {
         return Err(format!(
             "'{text}' must give the owner read and write, and nothing beyond 0660 \
              (dumps are never executable or world-readable)"
+        ));
+    }
+    Ok(mode)
+}
+
+fn parse_socket_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("'{text}' is not an octal mode such as 0660"))?;
+    if mode & !0o660 != 0 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "'{text}' must give the owner read and write, and nothing beyond 0660 \
+             (the socket is never world-connectable)"
         ));
     }
     Ok(mode)
@@ -200,18 +220,27 @@ fn check_socket_path(socket: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Listens on `socket`, which appears only once it accepts connections: the listener is bound
-/// under a temporary name in the same folder and renamed into place, so QEMU (or anything
-/// waiting for the path to exist) never finds a socket that refuses it.
-fn listen(socket: &Path) -> Result<std::os::unix::net::UnixListener> {
+/// Listens on `socket`, which appears only once it accepts connections and has its mode and
+/// group: the listener is bound under a temporary name in the same folder, given
+/// `--socket-mode`/`--socket-group`, and renamed into place, so QEMU (or anything waiting for
+/// the path to exist) never finds a socket that refuses it.
+fn listen(
+    socket: &Path,
+    mode: Option<u32>,
+    group: Option<u32>,
+) -> Result<std::os::unix::net::UnixListener> {
     let name = socket.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = socket.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let listener = std::os::unix::net::UnixListener::bind(&tmp)
         .map_err(|e| anyhow!("cannot listen on {}: {}", socket.display(), io_cause(&e)))?;
-    if let Err(e) = fs::rename(&tmp, socket) {
+    let placed = set_socket_access(&tmp, mode, group).and_then(|()| {
+        fs::rename(&tmp, socket)
+            .map_err(|e| anyhow!("cannot listen on {}: {}", socket.display(), io_cause(&e)))
+    });
+    if let Err(e) = placed {
         let _ = fs::remove_file(&tmp);
-        bail!("cannot listen on {}: {}", socket.display(), io_cause(&e));
+        return Err(e.context(format!("socket {}", socket.display())));
     }
     Ok(listener)
 }
@@ -279,7 +308,7 @@ fn run(cli: Cli) -> Result<()> {
     };
     let window = DataWindow::new().context("cannot create the data window (memfd)")?;
     let card: SharedCard = Arc::new(Mutex::new(CrashMonitorCard::new(config, window)));
-    let listener = listen(&cli.socket)?;
+    let listener = listen(&cli.socket, cli.socket_mode, cli.socket_group)?;
     let server = Server::from_owned_fd(listener.into(), true, vfio::irqs(), vfio::regions(&card));
     spawn_signal_handler(card.clone(), cli.socket.clone())?;
     // Partial dumps left by a device model that was killed are closed in the background: hashing
@@ -295,6 +324,11 @@ fn run(cli: Cli) -> Result<()> {
         cli.socket.display(),
         cli.output_dir.display()
     );
+    // Readiness for systemd (Type=notify): the socket is there for QEMU. Without NOTIFY_SOCKET,
+    // as outside systemd, nothing is sent.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        warn!("cannot tell systemd the card is ready: {e}");
+    }
 
     let mut backend = CardBackend::new(card.clone());
     let mut recovery = Some(recovery);
@@ -323,6 +357,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         info!("waiting for the next VM on {}", cli.socket.display());
     }
+}
+
+/// Gives the bound socket its --socket-group, then its --socket-mode (in that order: a change of
+/// owner may clear mode bits). Until then it has the umask's mode, the stricter one in a unit.
+fn set_socket_access(socket: &Path, mode: Option<u32>, group: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(socket, None, Some(gid)).map_err(|e| {
+            anyhow!("cannot give socket {} group {gid}: {}", socket.display(), io_cause(&e))
+        })?;
+    }
+    if let Some(mode) = mode {
+        fs::set_permissions(socket, fs::Permissions::from_mode(mode)).map_err(|e| {
+            anyhow!("cannot set the mode of socket {}: {}", socket.display(), io_cause(&e))
+        })?;
+    }
+    Ok(())
 }
 
 /// On SIGINT or SIGTERM: keep the open dump (as incomplete), remove the socket, exit 0.

@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::run_cli;
+use common::{run_cli, Device};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::{Duration, Instant};
 
 fn fails_with(args: &[&str], needle: &str) {
     let out = run_cli(args);
@@ -104,6 +106,10 @@ fn usage_errors_name_their_cause_once() {
         ("--file-mode=0400", "owner read and write"),
         ("--file-mode=rw", "not an octal mode"),
         ("--file-group=no-such-group-here", "no group named"),
+        ("--socket-mode=0666", "nothing beyond 0660"),
+        ("--socket-mode=0060", "owner read and write"),
+        ("--socket-mode=srw", "not an octal mode"),
+        ("--socket-group=no-such-group-here", "no group named"),
     ] {
         let mut args = base.to_vec();
         args.push(flag);
@@ -117,4 +123,27 @@ fn version_names_the_binary() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("crashmon-device "), "{text}");
+}
+
+#[test]
+fn socket_mode_and_group_are_applied_once_bound() {
+    // Root may give the socket any group; anyone else, one of their own.
+    let gid = if nix::unistd::geteuid().is_root() { 1 } else { nix::unistd::getegid().as_raw() };
+    let (mode, group) = ("0660".to_owned(), gid.to_string());
+    let device = Device::start(&["--socket-mode", &mode, "--socket-group", &group]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let meta = std::fs::symlink_metadata(&device.socket).unwrap();
+        if meta.permissions().mode() & 0o777 == 0o660 && meta.gid() == gid {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "socket mode {:o} group {}, wanted 0660 and {gid}:\n{}",
+            meta.permissions().mode() & 0o777,
+            meta.gid(),
+            device.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -3,9 +3,9 @@
 mod common;
 
 use common::*;
-use crashmon_card_abi::{self as abi, regs, DumpIoType, ErrorCode};
+use crashmon_card_abi::{self as abi, DumpIoType, ErrorCode};
 use crashmon_device_model::capture::DumpState;
-use crashmon_guest_driver::{Card, CardError, CardIo};
+use crashmon_guest_driver::{Card, CardError};
 
 fn connect(dev: &Device) -> (VfioCard, ()) {
     (VfioCard::connect(&dev.socket), ())

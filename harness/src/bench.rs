@@ -129,9 +129,14 @@ pub fn table(rows: &[Row], repeat: usize, qemu_version: &str) -> String {
          fsync'd under its final name on the host (the sidecar's started_at and ended_at). Every \
          dump was verified (kdmp-parser; every page against QEMU's memory).\n\
          * **anchor**: QEMU's host-side `dump-guest-memory` (ELF, no paging) of the same halted \
-         guest to the same filesystem, fsync included. It needs someone on the host to notice \
-         the crash and writes an ELF core, not the dump Windows writes; `win-dmp` format needs a \
-         real Windows guest's KDBG and is not measurable here.\n\
+         guest to the same filesystem, fsync included. Like every format of that command it \
+         needs someone on the host to notice the crash and run it. ELF is a core of guest \
+         physical memory with the vCPUs' registers as notes (gdb, Linux's crash), not a Windows \
+         dump; the kdump-compressed formats (zlib, lzo, snappy) compress each page for Linux's \
+         crash and are not Windows dumps either. `win-dmp` writes a full Windows dump, but only \
+         for a Windows guest running the FwCfg driver on a VM with `-device vmcoreinfo` (QEMU \
+         takes the dump header, KDBG and bug check from it): the test guest is not Windows, so \
+         it cannot be measured here.\n\
          * **ratio** = crashmon time / anchor time (lower is better for crashmon); compare ratios, \
          not seconds, across machines.\n\
          * **device RSS**: the device model's peak resident memory (`VmHWM`) once the dump is on \

@@ -6,6 +6,7 @@
 //! * [`qmp`]: drive and inspect the running VM over QMP;
 //! * [`pci`]: find the card in QEMU's view of the PCI bus;
 //! * [`guest`], [`serial`]: build the test guest and read its serial log;
+//! * [`progress`]: show a dump streaming to the host (the demo's progress bar);
 //! * [`scenario`]: one crash end to end, checked;
 //! * [`bench`]: crashmon against QEMU's `dump-guest-memory`, in the same run;
 //! * [`verify`]: check a dump with kdmp-parser and against QEMU's own image of guest RAM.
@@ -17,6 +18,7 @@ pub mod bench;
 pub mod device;
 pub mod guest;
 pub mod pci;
+pub mod progress;
 pub mod qemu;
 pub mod qmp;
 pub mod scenario;

@@ -3,11 +3,15 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use crashmon_harness::progress::DumpProgress;
 use crashmon_harness::qemu::{Qemu, QemuSource};
 use crashmon_harness::scenario::{self, Rig, Running, Scenario, Trigger};
 use crashmon_harness::vm;
 use crashmon_harness::{pci, workspace_root};
 use std::path::PathBuf;
+
+/// The most RAM `qemu-line` writes options for, in MiB (4 TiB).
+const MAX_QEMU_LINE_MB: i64 = 4 << 20;
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -74,15 +78,23 @@ enum Cmd {
         /// The socket crashmon-device listens on (its --socket).
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
-        /// The VM's RAM in MiB (the options replace its -m).
-        #[arg(long, default_value_t = 1024)]
+        /// The VM's RAM in MiB (the options replace its -m): 16 to 4194304 (4 TiB).
+        #[arg(long, default_value_t = 1024,
+              value_parser = clap::value_parser!(u32).range(16..=MAX_QEMU_LINE_MB))]
         memory_mb: u32,
     },
 }
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("crashmon-harness: {} (see --help)", one_line(&e.to_string()));
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         Cmd::ProvisionQemu => provision_qemu(),
         Cmd::Demo { out, memory_mb, vm_name, trigger, bitmap, out_of_order } => {
@@ -105,6 +117,21 @@ fn main() {
         eprintln!("crashmon-harness: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Folds clap's multi-line message into one line, dropping its usage block, its tips and its
+/// own pointer to --help (the caller adds one), and the "error:" prefix.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("tip:") && !l.starts_with("For more information")
+        })
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn provision_qemu() -> Result<()> {
@@ -158,6 +185,10 @@ fn demo(out: PathBuf, scenario: &Scenario) -> Result<()> {
     let rig = Rig::prepare()?;
     println!("QEMU:         {} ({})", rig.qemu.version()?, rig.qemu.binary().display());
     println!("guest kernel: {}", rig.kernel.display());
+    // Watching from before the device model starts: the guest may crash as soon as it is up.
+    // A full dump holds all of guest RAM (plus a header); a bitmap dump's size is not known.
+    let expected = (!scenario.bitmap).then_some(u64::from(scenario.memory_mb) << 20);
+    let progress = DumpProgress::watch(&dumps, &scenario.name, expected);
     let mut r = Running::start_with_dumps_in(&rig, scenario, runtime.path(), &dumps)?;
     println!("device model: pid {}, card on {}", r.card.pid(), r.card.socket().display());
     println!("guest:        -m {} -append '{}'", scenario.memory_mb, scenario.append());
@@ -175,6 +206,7 @@ fn demo(out: PathBuf, scenario: &Scenario) -> Result<()> {
     println!("\nCrashing the guest with {} ...", scenario.describe_trigger());
     let serial = r.vm.serial_log().to_owned();
     let outcome = scenario::complete(r, scenario);
+    progress.finish();
     std::fs::copy(&serial, logs.join("serial.log")).ok();
     std::fs::copy(runtime.path().join("device.log"), logs.join("device.log")).ok();
     std::fs::copy(runtime.path().join("qemu.log"), logs.join("qemu.log")).ok();

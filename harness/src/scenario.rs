@@ -13,6 +13,7 @@ use crate::vm::{Vm, VmConfig};
 use anyhow::{bail, ensure, Context, Result};
 use crashmon_device_model::capture::{DumpState, Sidecar};
 use kdmp_parser::structs::DumpType;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -199,6 +200,11 @@ pub struct Running {
     pub dumps_dir: PathBuf,
     /// What the guest printed on the migration source before it moved here.
     serial_before: Vec<serial::Line>,
+    /// The VM's name: the device model's `--vm-name`, in each of its sidecars.
+    vm_name: String,
+    /// Sessions whose sidecars were in `dumps_dir` before this run: earlier runs' dumps, which
+    /// the folder may keep (the demo's does), are not this run's.
+    earlier_sessions: HashSet<String>,
     started: Instant,
 }
 
@@ -241,6 +247,9 @@ impl Running {
         ensure!(scenario.memory_mb <= 2048, "guest RAM above 2 GiB would straddle the PCI hole");
         std::fs::create_dir_all(run_dir)?;
         let dumps_dir = dumps_dir.to_owned();
+        // Before the device model starts: everything there now belongs to earlier runs.
+        let earlier_sessions =
+            sidecars_in(&dumps_dir).map(|(_, sidecar)| sidecar.session_id.to_string()).collect();
         let card = DeviceProcess::spawn(
             &DeviceConfig {
                 binary: rig.device.clone(),
@@ -268,6 +277,8 @@ impl Running {
             run_dir: run_dir.to_owned(),
             dumps_dir,
             serial_before: Vec::new(),
+            vm_name: scenario.name.clone(),
+            earlier_sessions,
             started: Instant::now(),
         })
     }
@@ -314,17 +325,14 @@ impl Running {
         )
     }
 
-    /// Dumps in the output folder with a sidecar in `state`, oldest first.
+    /// This run's dumps with a sidecar in `state`, oldest first: sessions of this VM that
+    /// were not in the output folder when the run started.
     pub fn dumps(&self, state: DumpState) -> Vec<(PathBuf, Sidecar)> {
-        let mut found: Vec<(PathBuf, Sidecar)> = std::fs::read_dir(&self.dumps_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .filter_map(|p| {
-                let sidecar: Sidecar = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
-                (sidecar.state == state).then(|| (self.dumps_dir.join(&sidecar.dump_file), sidecar))
+        let mut found: Vec<(PathBuf, Sidecar)> = sidecars_in(&self.dumps_dir)
+            .filter(|(_, sidecar)| {
+                sidecar.state == state
+                    && sidecar.vm_name == self.vm_name
+                    && !self.earlier_sessions.contains(&sidecar.session_id.to_string())
             })
             .collect();
         found.sort_by(|a, b| a.1.started_at.cmp(&b.1.started_at));
@@ -405,6 +413,20 @@ pub fn migrate(
     destination.serial_before = source.serial();
     source.finish().context("shutting down the migration source")?;
     Ok((destination, info))
+}
+
+/// The sidecars in `dir` that can be read, each with the path of its dump.
+fn sidecars_in(dir: &Path) -> impl Iterator<Item = (PathBuf, Sidecar)> + '_ {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(move |p| {
+            let sidecar: Sidecar = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
+            Some((dir.join(&sidecar.dump_file), sidecar))
+        })
 }
 
 /// How long one guest may take to boot, crash and dump under TCG.

@@ -95,8 +95,8 @@ pub fn render(
 }
 
 /// The empty folder `crashmon-card.args` names for the node that makes QEMU refuse live
-/// migration, on a host set up with the systemd unit (its `StateDirectory`).
-pub const DEFAULT_NO_MIGRATION_DIR: &str = "/var/lib/crashmon/no-migration";
+/// migration, on a host set up with the systemd unit (its `ExecStartPre` makes it).
+pub const DEFAULT_NO_MIGRATION_DIR: &str = "/run/crashmon/no-migration";
 
 /// The card's options for a VM with `memory_mb` MiB of RAM and the device model on `socket`,
 /// one option (with its value) per entry. With `no_migration` (an empty folder), QEMU refuses
@@ -397,7 +397,7 @@ mod tests {
             card_args(Path::new("/s"), 64, Some(Path::new(DEFAULT_NO_MIGRATION_DIR))).unwrap();
         assert_eq!(blocked.len(), lines.len() + 1);
         assert_eq!(blocked[3][0], "-blockdev");
-        assert!(blocked[3][1].contains("\"dir\":\"/var/lib/crashmon/no-migration\""));
+        assert!(blocked[3][1].contains("\"dir\":\"/run/crashmon/no-migration\""));
         assert!(blocked[3][1].contains("crashmon-card-cannot-migrate"));
     }
 
