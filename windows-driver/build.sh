@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds crashmon.sys, the Windows driver, on Linux, and packages it with its INF.
 #
-#   windows-driver/build.sh        build; the last line printed is the path of crashmon.sys
+#   windows-driver/build.sh           build; the last line printed is the path of crashmon.sys
+#   windows-driver/build.sh --clippy  the same through clippy, warnings denied
 #
 # Output, in ${CARGO_TARGET_DIR:-<repo>/target}/windows-driver/package/:
 #   crashmon.sys  the driver (PE32+, AMD64, NATIVE subsystem)
@@ -141,9 +142,10 @@ if [ -n "$SRC" ]; then
     done
     ln -s "$SRC" "$OVERLAY/lib/rustlib/src/rust"
     # Cargo finds the library source at $(rustc --print sysroot)/lib/rustlib/src/rust, so rustc
-    # is run with --sysroot (rustc-sysroot passes it on every call, including that query).
+    # is run with --sysroot (sysroot-rustc/rustc passes it on every call, including that query; it is
+    # named rustc so that clippy-driver, as cargo clippy's wrapper, knows it for the compiler).
     export CRASHMON_REAL_RUSTC="$REAL_RUSTC" CRASHMON_SYSROOT="$OVERLAY"
-    RUSTC_FOR_CARGO="$HERE/rustc-sysroot"
+    RUSTC_FOR_CARGO="$HERE/sysroot-rustc/rustc"
 fi
 
 say "cargo build --release (target $TRIPLE, -Zbuild-std) in windows-driver/driver"
@@ -151,6 +153,15 @@ say "cargo build --release (target $TRIPLE, -Zbuild-std) in windows-driver/drive
 # does not depend on where the repository is. (Two builds differ only in the PE timestamp,
 # checksum and PDB GUID, which lld derives from the PDB, and the PDB names rustc's randomly
 # named temporary objects.)
+if [ "${1:-}" = --clippy ]; then
+    # The same build through clippy (cargo runs the driver's own crates through clippy-driver;
+    # the library crates still build with the project's sysroot): ./crashmon test runs it.
+    say "cargo clippy --release (target $TRIPLE) in windows-driver/driver"
+    RUSTC_BOOTSTRAP=1 RUSTC="$RUSTC_FOR_CARGO" CARGO_TARGET_DIR="$TARGET_DIR" \
+        SYSROOT="${CRASHMON_SYSROOT:-}" CARGO_ENCODED_RUSTFLAGS="--remap-path-prefix=$ROOT=crashmon" \
+        cargo clippy --release --locked -- -D warnings >&2
+    exit 0
+fi
 RUSTC_BOOTSTRAP=1 RUSTC="$RUSTC_FOR_CARGO" CARGO_TARGET_DIR="$TARGET_DIR" \
     CARGO_ENCODED_RUSTFLAGS="--remap-path-prefix=$ROOT=crashmon" \
     cargo build --release --locked >&2

@@ -324,7 +324,7 @@ impl CrashMonitorCard {
             o @ regs::BUGCHECK_PARAM1_LO..=regs::BUGCHECK_PARAM4_HI => {
                 let i = ((o - regs::BUGCHECK_PARAM1_LO) / 4) as usize;
                 let param = &mut self.bugcheck_params[i / 2];
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     set_lo(param, v)
                 } else {
                     set_hi(param, v)
@@ -401,10 +401,10 @@ impl CrashMonitorCard {
                 }
             }
         }
-        if v & control::ABORT != 0 {
-            if self.close_session(Some("aborted by the guest driver")).is_some() {
-                self.state = CardState::Aborted;
-            }
+        if v & control::ABORT != 0
+            && self.close_session(Some("aborted by the guest driver")).is_some()
+        {
+            self.state = CardState::Aborted;
         }
     }
 
@@ -767,7 +767,8 @@ mod tests {
         let mut rig = Rig::new(8192);
         rig.w(regs::CONTROL, control::ARM);
         rig.chunk(0, DumpIoType::Body, abi::OFFSET_SEQUENTIAL, &[7; 4096]);
-        let cases: [(&dyn Fn(&mut Rig), ErrorCode); 7] = [
+        type Case<'a> = (&'a dyn Fn(&mut Rig), ErrorCode);
+        let cases: [Case; 7] = [
             (
                 &|r| {
                     r.w(regs::CHUNK_SLOT, abi::SLOT_COUNT);

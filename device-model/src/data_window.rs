@@ -40,7 +40,7 @@ impl SlotOwner {
 
     fn from_word(word: u64) -> Option<Self> {
         (word & OWNED != 0)
-            .then(|| Self { epoch: (word >> 32) as u32 & EPOCH_MASK, seq: word as u32 })
+            .then_some(Self { epoch: (word >> 32) as u32 & EPOCH_MASK, seq: word as u32 })
     }
 }
 

@@ -176,7 +176,7 @@ struct Inner {
 
 #[derive(Debug)]
 enum Message {
-    Event(Event),
+    Event(Box<Event>),
     /// Answered once every event queued before it is written.
     Flush(SyncSender<()>),
 }
@@ -219,7 +219,7 @@ impl Events {
     /// Queues `event`; never blocks. A full queue drops it (counted in the next line written).
     pub fn emit(&self, event: Event) {
         let Some(inner) = &self.inner else { return };
-        match inner.queue.try_send(Message::Event(event)) {
+        match inner.queue.try_send(Message::Event(Box::new(event))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 inner.dropped.fetch_add(1, Ordering::Relaxed);
@@ -263,7 +263,7 @@ impl Writer {
     fn run(mut self, rx: Receiver<Message>) {
         while let Ok(message) = rx.recv() {
             let event = match message {
-                Message::Event(event) => event,
+                Message::Event(event) => *event,
                 Message::Flush(done) => {
                     let _ = done.send(());
                     continue;

@@ -61,7 +61,6 @@ fn a_crash_gives_events_and_runs_the_hooks_with_its_details() {
     card.dump_io(u64::MAX - 1, DumpIoType::Body, &[0; 8]).unwrap();
     card.dump_io(abi::OFFSET_SEQUENTIAL, DumpIoType::Complete, &[]).unwrap_err();
     vfio.client.borrow().shutdown().unwrap();
-    drop(card);
     drop(vfio);
     assert!(dev.wait().success(), "{}", dev.log());
 
@@ -116,7 +115,6 @@ fn an_unannounced_dump_reports_the_crash_from_its_header_and_empty_sessions_leav
     card.dump_io(0, DumpIoType::Header, &dump[..4096]).unwrap();
     card.dump_io(abi::OFFSET_SEQUENTIAL, DumpIoType::Complete, &[]).unwrap();
     vfio.client.borrow().shutdown().unwrap();
-    drop(card);
     drop(vfio);
     assert!(dev.wait().success(), "{}", dev.log());
 

@@ -47,7 +47,6 @@ fn a_guest_flooding_sessions_is_rate_limited_and_keep_bounds_the_files() {
     }
     assert_eq!((accepted, refused), (10, 190), "ten sessions an hour, the rest QUOTA");
     vfio.client.borrow().shutdown().unwrap();
-    drop(card);
     drop(vfio);
     assert!(dev.wait().success(), "{}", dev.log());
     let kept = dev.files(".incomplete.dmp");
@@ -76,7 +75,6 @@ fn sessions_with_no_bytes_leave_no_files() {
         }
     }
     vfio.client.borrow().shutdown().unwrap();
-    drop(card);
     drop(vfio);
     assert!(dev.wait().success());
     let left: Vec<_> = std::fs::read_dir(&dev.out).unwrap().collect();
@@ -104,7 +102,6 @@ fn max_total_size_rotates_old_dumps_and_stops_one_that_would_pass_it() {
         Err(CardError::Refused(ErrorCode::Quota))
     );
     vfio.client.borrow().shutdown().unwrap();
-    drop(card);
     drop(vfio);
     assert!(dev.wait().success(), "{}", dev.log());
     let stopped = dev.files(".incomplete.dmp");

@@ -57,7 +57,6 @@ fn min_free_stops_a_dump_before_the_filesystem_fills_and_refuses_new_sessions() 
         card.dump_io(abi::OFFSET_SEQUENTIAL, DumpIoType::Complete, &[]),
         Err(CardError::Refused(ErrorCode::Quota))
     );
-    drop(card);
     let dev = finish(dev, vfio);
     let dumps = dev.files(".incomplete.dmp");
     assert_eq!(dumps.len(), 1);
@@ -80,7 +79,6 @@ fn min_free_stops_a_dump_before_the_filesystem_fills_and_refuses_new_sessions() 
     let _ = card.dump_io(abi::OFFSET_SEQUENTIAL, DumpIoType::Body, &[1u8; 4096]);
     let _ = card.dump_io(abi::OFFSET_SEQUENTIAL, DumpIoType::Complete, &[]);
     assert_eq!(ErrorCode::from_u32((&vfio).read_register(regs::ERROR)), Some(ErrorCode::Quota));
-    drop(card);
     let dev = finish(dev, vfio);
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2, "still only the first dump");
     assert!(dev.log().contains("refused, no file made"));

@@ -42,7 +42,6 @@ fn configuration_space_identifies_the_card_and_sizes_its_bars() {
     assert_eq!(bar2 & 0xF, 0b1100, "64-bit prefetchable");
     assert_eq!(!(bar2 & !0xF) + 1, abi::BAR2_SIZE);
     card.client.borrow().shutdown().unwrap();
-    drop(card);
     assert!(dev.wait().success());
 }
 
@@ -84,7 +83,6 @@ fn streams_a_multi_megabyte_dump(sequential: bool) {
     let written = (&vfio).read_register(regs::BYTES_WRITTEN_LO) as usize;
     assert_eq!(written, dump.len());
     vfio.client.borrow().shutdown().unwrap();
-    drop(card);
     drop(vfio);
     assert!(dev.wait().success());
 
@@ -161,7 +159,6 @@ fn dropped_connection_leaves_an_incomplete_dump_with_every_byte_sent() {
     card.dump_io(abi::OFFSET_SEQUENTIAL, DumpIoType::Body, &dump[HEADER..sent]).unwrap();
     // Every doorbell so far has been answered once a read returns.
     let _ = (&vfio).read_register(regs::STATUS);
-    drop(card);
     drop(vfio); // the connection drops mid-stream, as when QEMU dies
     assert!(dev.wait().success());
 
@@ -251,7 +248,6 @@ fn misbehaving_guest_gets_error_codes_and_the_host_survives() {
     card.dump_io(abi::OFFSET_SEQUENTIAL, DumpIoType::Complete, &[]).unwrap();
     assert_eq!(card.dump_io(0, DumpIoType::Body, b"after"), Ok(()));
     assert_eq!(error(), ErrorCode::BadState, "no chunks after completion until re-armed");
-    drop(card);
     vfio.client.borrow().shutdown().unwrap();
     drop(vfio);
     assert!(dev.wait().success(), "{}", dev.log());

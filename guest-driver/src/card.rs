@@ -308,8 +308,8 @@ mod tests {
                     let rung =
                         self.log.borrow().iter().filter(|(r, _)| *r == regs::DOORBELL).count()
                             as u32;
-                    if self.ms_per_doorbell > 0 {
-                        return rung.min(*self.clock.borrow() / self.ms_per_doorbell);
+                    if let Some(done) = self.clock.borrow().checked_div(self.ms_per_doorbell) {
+                        return rung.min(done);
                     }
                     if *self.completed_reads.borrow() > self.lag {
                         rung

@@ -766,11 +766,9 @@ mod tests {
             // SAFETY: test: the record is the driver's.
             let r = unsafe { &mut *record };
             assert_eq!(r.State as i32, BufferEmpty);
-            // SAFETY: component is CRASHMON_COMPONENT.
-            assert_eq!(
-                unsafe { core::ffi::CStr::from_ptr(component as *const _) }.to_bytes(),
-                b"crashmon"
-            );
+            // SAFETY: component is CRASHMON_COMPONENT, a 'static NUL-terminated string.
+            let component = unsafe { core::ffi::CStr::from_ptr(component as *const _) };
+            assert_eq!(component.to_bytes(), b"crashmon");
             r.State = BufferInserted as u8;
             r.Reason = reason;
             r.CallbackRoutine = Some(routine);

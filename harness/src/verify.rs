@@ -343,8 +343,8 @@ mod tests {
         for p in 1..4 {
             ram[p * PAGE..(p + 1) * PAGE].fill(0);
         }
-        put(&mut ram, PAGE + 256 * 8, 2 * PAGE as u64 | 3);
-        put(&mut ram, 2 * PAGE, 3 * PAGE as u64 | 3);
+        put(&mut ram, PAGE + 256 * 8, (2 * PAGE as u64) | 3);
+        put(&mut ram, 2 * PAGE, (3 * PAGE as u64) | 3);
         put(&mut ram, 3 * PAGE, 0x83); // 2 MiB page at physical 0
         put(&mut ram, 9 * PAGE + 16, 0x1234_5678_9abc_def0);
         ram
@@ -416,7 +416,8 @@ mod tests {
         declared.modified_pfns.insert(20);
         assert_eq!(verify(&dump, Some(&image), &declared).unwrap().pages_declared_modified, 1);
         std::fs::write(&image, &ram0).unwrap();
-        let cases: [(fn(&mut Expected), &str); 5] = [
+        type Case = (fn(&mut Expected), &'static str);
+        let cases: [Case; 5] = [
             (|e| e.bugcheck_code = 0x50, "bug-check code"),
             (|e| e.bugcheck_parameters = Some([1, 2, 3, 5]), "parameters"),
             (|e| e.dump_type = DumpType::Bmp, "dump type"),

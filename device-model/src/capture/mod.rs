@@ -459,7 +459,7 @@ fn write_json_atomically(
 fn hash_file(file: &File) -> io::Result<String> {
     use nix::unistd::{lseek, Whence};
     use std::os::fd::AsRawFd;
-    const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let size = file.metadata()?.len();
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -753,7 +753,13 @@ mod tests {
     fn sparse_files_hash_their_holes_as_zeros() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sparse");
-        let file = OpenOptions::new().read(true).write(true).create(true).open(&path).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         file.write_all_at(b"head", 0).unwrap();
         file.write_all_at(b"tail", (64 << 20) + 3).unwrap();
         file.set_len((64 << 20) + 4096).unwrap();

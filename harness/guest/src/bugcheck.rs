@@ -289,11 +289,10 @@ fn write_dump(settings: &dump::Settings) -> Result<u64, crashmon_dump_writer::Du
     let mut blobs = [SecondaryBlob { guid: [0; 16], data: &[] }; MAX_BLOBS];
     let mut nblobs = 0;
     for b in data.blobs[..data.blob_count].iter().flatten() {
-        // SAFETY: as above.
-        blobs[nblobs] = SecondaryBlob {
-            guid: b.guid,
-            data: unsafe { core::slice::from_raw_parts(b.data, b.len) },
-        };
+        // SAFETY: as above: `b.data` points to `b.len` resident bytes that stay unchanged until
+        // the dump is written.
+        let bytes = unsafe { core::slice::from_raw_parts(b.data, b.len) };
+        blobs[nblobs] = SecondaryBlob { guid: b.guid, data: bytes };
         nblobs += 1;
     }
     let crash = dump::Crash {

@@ -103,7 +103,7 @@ impl MmioCardIo {
     #[inline(always)]
     fn register_ok(&self, offset: u32) -> bool {
         let offset = offset as usize;
-        offset % 4 == 0 && offset < self.bar0_len.min(abi::BAR0_SIZE as usize)
+        offset.is_multiple_of(4) && offset < self.bar0_len.min(abi::BAR0_SIZE as usize)
     }
 }
 
