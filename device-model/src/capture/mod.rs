@@ -26,7 +26,7 @@ use log::{info, warn};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use uuid::Uuid;
@@ -374,7 +374,15 @@ fn bugcheck_from_header(data: &[u8]) -> Option<BugCheckInfo> {
 
 fn write_json_atomically(path: &Path, value: &Sidecar, durable: bool) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let mut file = File::create(&tmp)?;
+    // A file left under the temporary name (by a crash mid-write, or planted as a link out of
+    // the folder) is replaced, never written through: unlinking removes a link itself, and the
+    // new file is created exclusively, without following links.
+    let _ = fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)?;
     serde_json::to_writer_pretty(&mut file, value).map_err(io::Error::other)?;
     file.write_all(b"\n")?;
     if durable {
@@ -470,8 +478,36 @@ pub fn recover_stale(dir: &Path) -> Vec<PathBuf> {
     recovered
 }
 
+/// Opens an existing regular file of the output folder, never through a symbolic link and never
+/// waiting on a FIFO: a name there says nothing about what the file is.
+fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    Ok(file)
+}
+
+/// The sidecar at `path`, if it is a regular file holding one (sidecars are a few KiB: a
+/// bigger file is not one, and is not read into memory).
+fn read_sidecar(path: &Path) -> Option<Sidecar> {
+    use std::io::Read;
+    const MAX_SIDECAR: u64 = 1 << 20;
+    let file = open_regular(path, false).ok()?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SIDECAR + 1).read_to_end(&mut bytes).ok()?;
+    if bytes.len() as u64 > MAX_SIDECAR {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
 fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf>> {
-    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let file = open_regular(path, true)?;
     if file.try_lock().is_err() {
         return Ok(None);
     }
@@ -482,9 +518,7 @@ fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf
     let sha = hash_file(&file)?;
     fs::rename(path, dir.join(&dump_name))?;
     File::open(dir)?.sync_all()?;
-    if let Some(mut sidecar) =
-        fs::read(&sidecar_path).ok().and_then(|b| serde_json::from_slice::<Sidecar>(&b).ok())
-    {
+    if let Some(mut sidecar) = read_sidecar(&sidecar_path) {
         sidecar.dump_file = dump_name.clone();
         sidecar.state = DumpState::Incomplete;
         sidecar.incomplete_reason = Some("device model exited during capture".to_owned());
@@ -658,6 +692,34 @@ mod tests {
         .unwrap();
         assert_eq!(sc.sha256.as_deref(), Some(sha(b"dead bytes").as_str()));
         assert_eq!(sc.sha256_source, Some(HashSource::ReadBack));
+    }
+
+    /// Found by the `recovery` fuzz target: a FIFO under a sidecar's name hung recovery, and a
+    /// link under the temporary sidecar name made it write outside the folder.
+    #[test]
+    fn recovery_neither_follows_links_nor_waits_on_fifos() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        fs::create_dir(&dir).unwrap();
+        let outside = root.path().join("outside");
+        fs::write(&outside, b"keep").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("l.dmp.partial")).unwrap();
+        fs::write(dir.join("f.dmp.partial"), b"bytes").unwrap();
+        nix::unistd::mkfifo(&dir.join("f.json"), nix::sys::stat::Mode::S_IRUSR).unwrap();
+        let mut dead = Rig::open(&dir, 1 << 20);
+        dead.write(DumpIoType::Body, None, b"dead").unwrap();
+        let partial = dead.session.partial_path();
+        std::mem::drop(dead);
+        let tmp = partial.to_str().unwrap().replace(PARTIAL_SUFFIX, ".json.tmp");
+        std::os::unix::fs::symlink(&outside, &tmp).unwrap();
+
+        let recovered = recover_stale(&dir);
+        assert_eq!(recovered.len(), 2, "{recovered:?}");
+        assert_eq!(fs::read(&outside).unwrap(), b"keep");
+        assert!(fs::symlink_metadata(dir.join("l.dmp.partial")).unwrap().is_symlink());
+        let sidecar = partial.to_str().unwrap().replace(PARTIAL_SUFFIX, SIDECAR_SUFFIX);
+        let sc: Sidecar = serde_json::from_slice(&fs::read(sidecar).unwrap()).unwrap();
+        assert_eq!(sc.state, DumpState::Incomplete);
     }
 
     #[test]
