@@ -5,11 +5,13 @@
 //! * [`capture`]: dump files, reassembly and sidecars;
 //! * [`data_window`]: BAR2's shared memory;
 //! * [`pci_config`] and [`vfio`]: bus plumbing;
-//! * [`size`]: parsing sizes given on the command line.
+//! * [`size`]: parsing sizes given on the command line;
+//! * [`sandbox`]: what the process gives up once set up (user, Landlock, seccomp).
 
 pub mod capture;
 pub mod card;
 pub mod data_window;
 pub mod pci_config;
+pub mod sandbox;
 pub mod size;
 pub mod vfio;

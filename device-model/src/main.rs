@@ -6,9 +6,10 @@ use clap::Parser;
 use crashmon_device_model::capture::{self, CaptureConfig};
 use crashmon_device_model::card::CrashMonitorCard;
 use crashmon_device_model::data_window::DataWindow;
+use crashmon_device_model::sandbox::{self, Violation};
 use crashmon_device_model::size::parse_size;
 use crashmon_device_model::vfio::{self, CardBackend, SharedCard};
-use log::{error, info};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::fs;
@@ -38,6 +39,16 @@ struct Cli {
     /// Exit after the first VM disconnects instead of waiting for the next one.
     #[arg(long)]
     once: bool,
+    /// Started as root: once set up, drop to this user (the socket, and the output dir if
+    /// created here, are handed to it; an existing output dir must be writable by it).
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// What a syscall outside the seccomp allow-list gets: `errno` (EPERM) or `kill`.
+    #[arg(long, value_name = "ACTION", default_value = "errno")]
+    seccomp_violation: Violation,
+    /// Serve without the sandbox (no user drop, Landlock, seccomp): for debugging only.
+    #[arg(long, conflicts_with = "user")]
+    no_sandbox: bool,
 }
 
 fn parse_max_size(text: &str) -> Result<u64, String> {
@@ -75,9 +86,16 @@ fn one_line(message: &str) -> String {
         .join(" ")
 }
 
-fn check_output_dir(dir: &Path) -> Result<()> {
+/// Makes the output folder if missing; says whether it did.
+fn make_output_dir(dir: &Path) -> Result<bool> {
+    let existed = dir.is_dir();
     fs::create_dir_all(dir)
         .with_context(|| format!("cannot create output dir {}", dir.display()))?;
+    Ok(!existed)
+}
+
+/// Checks that the output folder is writable, as the process will write it: after the sandbox.
+fn check_output_dir(dir: &Path) -> Result<()> {
     let probe = tempfile_in(dir)
         .with_context(|| format!("output dir {} is not writable", dir.display()))?;
     fs::remove_file(probe)?;
@@ -103,7 +121,7 @@ fn run(cli: Cli) -> Result<()> {
             cli.socket.display()
         );
     }
-    check_output_dir(&cli.output_dir)?;
+    let created_output_dir = make_output_dir(&cli.output_dir)?;
 
     let config = CaptureConfig {
         output_dir: cli.output_dir.clone(),
@@ -114,14 +132,42 @@ fn run(cli: Cli) -> Result<()> {
     let card: SharedCard = Arc::new(Mutex::new(CrashMonitorCard::new(config, window)));
     let server = Server::new(&cli.socket, true, vfio::irqs(), vfio::regions(&card))
         .with_context(|| format!("cannot listen on {}", cli.socket.display()))?;
-    spawn_signal_handler(card.clone(), cli.socket.clone())?;
+    let signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+
+    // Set up: from here on the process only serves. No thread runs yet, so every thread it
+    // starts (signals, recovery, one writer per session) inherits the sandbox.
+    if cli.no_sandbox {
+        warn!("--no-sandbox: serving without user drop, Landlock or seccomp");
+    } else {
+        let report = sandbox::apply(&sandbox::Options {
+            output_dir: cli.output_dir.clone(),
+            socket: cli.socket.clone(),
+            user: cli.user.clone(),
+            created_output_dir,
+            violation: cli.seccomp_violation,
+        })
+        .context("cannot sandbox the device model (--no-sandbox to debug without it)")?;
+        info!("sandboxed: {report}");
+        // TEST HOOK, for the end-to-end sandbox test only: see `sandbox::self_test`.
+        if let Some(path) = std::env::var_os("CRASHMON_SANDBOX_SELF_TEST") {
+            sandbox::self_test(Path::new(&path));
+        }
+    }
+    check_output_dir(&cli.output_dir)?;
     // Partial dumps left by a device model that was killed are closed in the background: hashing
-    // them reads whole files, and the socket must be there for QEMU at once.
+    // them reads whole files, and the socket must be there for QEMU at once. The process waits
+    // for it before exiting: it renames a dump before rewriting its sidecar, and a later run
+    // would not redo the sidecar of a dump that is no longer partial.
     let dir = cli.output_dir.clone();
-    std::thread::Builder::new()
-        .name("recover".into())
-        .spawn(move || capture::recover_stale(&dir))
-        .context("cannot start the recovery thread")?;
+    let recovery: Recovery = Arc::new(Mutex::new(Some(
+        std::thread::Builder::new()
+            .name("recover".into())
+            .spawn(move || {
+                capture::recover_stale(&dir);
+            })
+            .context("cannot start the recovery thread")?,
+    )));
+    spawn_signal_handler(signals, card.clone(), cli.socket.clone(), recovery.clone())?;
     info!(
         "crash-monitor card for VM '{}' listening on {}; dumps go to {}",
         cli.vm_name,
@@ -142,6 +188,7 @@ fn run(cli: Cli) -> Result<()> {
             for writer in writers {
                 writer.join();
             }
+            wait_for_recovery(&recovery);
             return Ok(());
         }
         info!("waiting for the next VM on {}", cli.socket.display());
@@ -149,8 +196,25 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// On SIGINT or SIGTERM: keep the open dump (as incomplete), remove the socket, exit 0.
-fn spawn_signal_handler(card: SharedCard, socket: PathBuf) -> Result<()> {
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+/// The recovery thread, joined by whichever exit path comes first.
+type Recovery = Arc<Mutex<Option<std::thread::JoinHandle<()>>>>;
+
+fn wait_for_recovery(recovery: &Recovery) {
+    let handle = recovery.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(handle) = handle {
+        if !handle.is_finished() {
+            info!("waiting for the partial dumps of an earlier run to be closed");
+        }
+        let _ = handle.join();
+    }
+}
+
+fn spawn_signal_handler(
+    mut signals: Signals,
+    card: SharedCard,
+    socket: PathBuf,
+    recovery: Recovery,
+) -> Result<()> {
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Some(signal) = signals.forever().next() {
             info!("signal {signal}: stopping");
@@ -168,6 +232,7 @@ fn spawn_signal_handler(card: SharedCard, socket: PathBuf) -> Result<()> {
             for writer in writers {
                 writer.join();
             }
+            wait_for_recovery(&recovery);
             std::process::exit(0);
         }
     })?;
