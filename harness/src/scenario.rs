@@ -207,21 +207,35 @@ impl Running {
         run_dir: &Path,
         dumps_dir: &Path,
     ) -> Result<Running> {
+        Self::start_with_device(rig, scenario, run_dir, dumps_dir, |_| {})
+    }
+
+    /// [`Running::start_with_dumps_in`], letting `device` change how the device model runs
+    /// (its user, extra arguments, environment) before it starts.
+    pub fn start_with_device(
+        rig: &Rig,
+        scenario: &Scenario,
+        run_dir: &Path,
+        dumps_dir: &Path,
+        device: impl FnOnce(&mut DeviceConfig),
+    ) -> Result<Running> {
         ensure!(scenario.memory_mb <= 2048, "guest RAM above 2 GiB would straddle the PCI hole");
         std::fs::create_dir_all(run_dir)?;
         let dumps_dir = dumps_dir.to_owned();
-        let card = DeviceProcess::spawn(
-            &DeviceConfig {
-                binary: rig.device.clone(),
-                socket: run_dir.join("card.sock"),
-                output_dir: dumps_dir.clone(),
-                vm_name: scenario.name.clone(),
-                max_dump_size: None,
-                once: true,
-                log: run_dir.join("device.log"),
-            },
-            Duration::from_secs(30),
-        )?;
+        let mut device_config = DeviceConfig {
+            binary: rig.device.clone(),
+            socket: run_dir.join("card.sock"),
+            output_dir: dumps_dir.clone(),
+            vm_name: scenario.name.clone(),
+            max_dump_size: None,
+            once: true,
+            log: run_dir.join("device.log"),
+            user: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        };
+        device(&mut device_config);
+        let card = DeviceProcess::spawn(&device_config, Duration::from_secs(30))?;
         let mut config = VmConfig::new(&scenario.name, card.socket(), run_dir);
         config.memory_mb = scenario.memory_mb;
         config.kernel = Some(rig.kernel.clone());
