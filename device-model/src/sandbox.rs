@@ -301,10 +301,9 @@ pub const SYSCALLS: &[(&str, i64)] = {
         ("rt_sigreturn", SYS_rt_sigreturn),
         ("rt_sigprocmask", SYS_rt_sigprocmask),
         ("rt_sigaction", SYS_rt_sigaction),
-        ("tgkill", SYS_tgkill),
+        ("tgkill", SYS_tgkill), // this process only; see `filter`
         // Time and randomness.
         ("clock_gettime", SYS_clock_gettime),
-        ("clock_nanosleep", SYS_clock_nanosleep),
         ("getrandom", SYS_getrandom),
     ]
 };
@@ -336,6 +335,17 @@ pub fn filter(violation: Violation) -> Result<Option<seccompiler::BpfProgram>, S
             SeccompCmpArgLen::Dword,
             SeccompCmpOp::Eq,
             nix::libc::PR_SET_NAME as u64,
+        )?])?],
+    );
+    // abort() (a double panic, an allocation failure) signals itself with tgkill; no other
+    // process may be signalled.
+    rules.insert(
+        nix::libc::SYS_tgkill,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            std::process::id() as u64,
         )?])?],
     );
     let refuse = match violation {
