@@ -191,8 +191,23 @@ impl Events {
     /// and hands hook requests to `hooks` (the runner's standard input). Opening the file is
     /// the only disk access here, done once at startup.
     pub fn start(vm: &str, config: &EventsConfig, hooks: Option<ChildStdin>) -> io::Result<Self> {
+        let (events, writer) = Self::prepare(vm, config, hooks)?;
+        if let Some(writer) = writer {
+            writer.spawn()?;
+        }
+        Ok(events)
+    }
+
+    /// [`Events::start`] in two steps, for a process that sandboxes itself in between: the file
+    /// is opened and the queue made now (events emitted meanwhile wait in it); the thread starts
+    /// when [`EventsThread::spawn`] is called, so that it inherits the sandbox.
+    pub fn prepare(
+        vm: &str,
+        config: &EventsConfig,
+        hooks: Option<ChildStdin>,
+    ) -> io::Result<(Self, Option<EventsThread>)> {
         if config.path.is_none() && hooks.is_none() {
-            return Ok(Self::disabled());
+            return Ok((Self::disabled(), None));
         }
         let out: Option<Box<dyn Write + Send>> = match &config.path {
             None => None,
@@ -212,8 +227,7 @@ impl Events {
             on_crash: config.on_crash.clone(),
             on_dump: config.on_dump.clone(),
         };
-        std::thread::Builder::new().name("events".into()).spawn(move || writer.run(rx))?;
-        Ok(Self { inner: Some(inner) })
+        Ok((Self { inner: Some(inner) }, Some(EventsThread { writer, queue: rx })))
     }
 
     /// Queues `event`; never blocks. A full queue drops it (counted in the next line written).
@@ -247,6 +261,21 @@ impl Events {
             }
         }
         let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// The events thread, ready to start.
+pub struct EventsThread {
+    writer: Writer,
+    queue: Receiver<Message>,
+}
+
+impl EventsThread {
+    /// Starts it.
+    pub fn spawn(self) -> io::Result<()> {
+        let Self { writer, queue } = self;
+        std::thread::Builder::new().name("events".into()).spawn(move || writer.run(queue))?;
+        Ok(())
     }
 }
 

@@ -6,12 +6,14 @@
 //! * [`data_window`]: BAR2's shared memory;
 //! * [`events`]: JSON event lines and the operator's hooks;
 //! * [`pci_config`] and [`vfio`]: bus plumbing;
-//! * [`size`]: parsing sizes given on the command line.
+//! * [`size`]: parsing sizes given on the command line;
+//! * [`sandbox`]: what the process gives up once set up (user, Landlock, seccomp).
 
 pub mod capture;
 pub mod card;
 pub mod data_window;
 pub mod events;
 pub mod pci_config;
+pub mod sandbox;
 pub mod size;
 pub mod vfio;

@@ -7,6 +7,7 @@ use crashmon_device_model::capture::{self, quota, CaptureConfig};
 use crashmon_device_model::card::CrashMonitorCard;
 use crashmon_device_model::data_window::DataWindow;
 use crashmon_device_model::events::{self, Events, EventsConfig};
+use crashmon_device_model::sandbox::{self, Violation};
 use crashmon_device_model::size::parse_size;
 use crashmon_device_model::vfio::{self, CardBackend, SharedCard};
 use log::{error, info, warn};
@@ -84,6 +85,16 @@ struct Cli {
     /// model must be a member of it.
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     socket_group: Option<u32>,
+    /// Started as root: once set up, drop to this user (the socket, and the output dir if
+    /// created here, are handed to it; an existing output dir must be writable by it).
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// What a syscall outside the seccomp allow-list gets: `errno` (EPERM) or `kill`.
+    #[arg(long, value_name = "ACTION", default_value = "errno")]
+    seccomp_violation: Violation,
+    /// Serve without the sandbox (no user drop, Landlock, seccomp): for debugging only.
+    #[arg(long, conflicts_with = "user")]
+    no_sandbox: bool,
 }
 
 fn parse_file_mode(text: &str) -> Result<u32, String> {
@@ -272,8 +283,11 @@ fn run(cli: Cli) -> Result<()> {
         );
     }
     check_socket_path(&cli.socket)?;
+    let created_output_dir = !cli.output_dir.exists();
     check_output_dir(&cli.output_dir, cli.file_mode & 0o040 != 0)?;
 
+    // Everything that opens a file outside the output folder, or forks, happens before the
+    // sandbox: the events file, and the hook runner (hooks never run in the sandboxed process).
     let events_config = EventsConfig {
         path: cli.events.clone(),
         on_crash: cli.on_crash.clone(),
@@ -288,12 +302,11 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         None
     };
-    let events = Events::start(&cli.vm_name, &events_config, hooks).with_context(|| {
-        format!(
-            "cannot open the events file {}",
-            cli.events.as_deref().unwrap_or(Path::new("")).display()
-        )
-    })?;
+    let (events, events_writer) = Events::prepare(&cli.vm_name, &events_config, hooks)
+        .with_context(|| {
+            let path = cli.events.as_deref().unwrap_or(Path::new(""));
+            format!("cannot open the events file {}", path.display())
+        })?;
     let config = CaptureConfig {
         file_mode: cli.file_mode,
         file_group: cli.file_group,
@@ -310,28 +323,58 @@ fn run(cli: Cli) -> Result<()> {
     let card: SharedCard = Arc::new(Mutex::new(CrashMonitorCard::new(config, window)));
     let listener = listen(&cli.socket, cli.socket_mode, cli.socket_group)?;
     let server = Server::from_owned_fd(listener.into(), true, vfio::irqs(), vfio::regions(&card));
-    spawn_signal_handler(card.clone(), cli.socket.clone())?;
-    // Partial dumps left by a device model that was killed are closed in the background: hashing
-    // them reads whole files, and the socket must be there for QEMU at once.
-    let dir = cli.output_dir.clone();
-    let recovery = std::thread::Builder::new()
-        .name("recover".into())
-        .spawn(move || capture::recover_stale(&dir))
-        .context("cannot start the recovery thread")?;
+    let signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
     info!(
         "crash-monitor card for VM '{}' listening on {}; dumps go to {}",
         cli.vm_name,
         cli.socket.display(),
         cli.output_dir.display()
     );
-    // Readiness for systemd (Type=notify): the socket is there for QEMU. Without NOTIFY_SOCKET,
-    // as outside systemd, nothing is sent.
+    // Ready for QEMU once the socket listens (connections wait in its backlog until the loop
+    // below accepts them); a no-op outside systemd.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!("cannot tell systemd the card is ready: {e}");
     }
 
+    // Set up: from here on the process only serves. No thread runs yet, so every thread it
+    // starts (events, signals, recovery, one writer per session) inherits the sandbox.
+    if cli.no_sandbox {
+        warn!("--no-sandbox: serving without user drop, Landlock or seccomp");
+    } else {
+        let report = sandbox::apply(&sandbox::Options {
+            output_dir: cli.output_dir.clone(),
+            socket: cli.socket.clone(),
+            user: cli.user.clone(),
+            created_output_dir,
+            violation: cli.seccomp_violation,
+        })
+        .context("cannot sandbox the device model (--no-sandbox to debug without it)")?;
+        info!("sandboxed: {report}");
+        // TEST HOOK, for the end-to-end sandbox test only: see `sandbox::self_test`.
+        if let Some(path) = std::env::var_os("CRASHMON_SANDBOX_SELF_TEST") {
+            sandbox::self_test(Path::new(&path));
+        }
+        // Writable as the process will write it: after the user drop and Landlock.
+        check_writable(&cli.output_dir)?;
+    }
+    if let Some(writer) = events_writer {
+        writer.spawn().context("cannot start the events thread")?;
+    }
+    // Partial dumps left by a device model that was killed are closed in the background: hashing
+    // them reads whole files, and QEMU must be answered at once. The process waits for it before
+    // exiting.
+    let dir = cli.output_dir.clone();
+    let recovery: Recovery = Arc::new(Mutex::new(Some(
+        std::thread::Builder::new()
+            .name("recover".into())
+            .spawn(move || {
+                capture::recover_stale(&dir);
+            })
+            .context("cannot start the recovery thread")?,
+    )));
+    spawn_signal_handler(signals, card.clone(), cli.socket.clone(), recovery.clone())?;
+
     let mut backend = CardBackend::new(card.clone());
-    let mut recovery = Some(recovery);
     loop {
         // QEMU killed or gone mid-message is the VM going away, as a clean close is; anything
         // else the client did wrong is an error (logged, and --once's exit status).
@@ -348,15 +391,22 @@ fn run(cli: Cli) -> Result<()> {
             for writer in writers {
                 writer.join();
             }
-            if let Some(recovery) = recovery.take() {
-                let _ = recovery.join();
-            }
+            wait_for_recovery(&recovery);
             vfio::lock(&card).events().flush(EVENTS_FLUSH_TIMEOUT);
             let _ = fs::remove_file(&cli.socket);
             return result.map_err(|e| anyhow!("the VM's connection ended with an error: {e}"));
         }
         info!("waiting for the next VM on {}", cli.socket.display());
     }
+}
+
+/// Checks that the output folder is writable by this process as it now is.
+fn check_writable(dir: &Path) -> Result<()> {
+    let probe = dir.join(format!(".crashmon-write-probe-{}", std::process::id()));
+    fs::write(&probe, b"")
+        .map_err(|e| anyhow!("output dir {} is not writable: {}", dir.display(), io_cause(&e)))?;
+    fs::remove_file(probe)?;
+    Ok(())
 }
 
 /// Gives the bound socket its --socket-group, then its --socket-mode (in that order: a change of
@@ -376,9 +426,26 @@ fn set_socket_access(socket: &Path, mode: Option<u32>, group: Option<u32>) -> Re
     Ok(())
 }
 
-/// On SIGINT or SIGTERM: keep the open dump (as incomplete), remove the socket, exit 0.
-fn spawn_signal_handler(card: SharedCard, socket: PathBuf) -> Result<()> {
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+type Recovery = Arc<Mutex<Option<std::thread::JoinHandle<()>>>>;
+
+fn wait_for_recovery(recovery: &Recovery) {
+    let handle = recovery.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(handle) = handle {
+        if !handle.is_finished() {
+            info!("waiting for the partial dumps of an earlier run to be closed");
+        }
+        let _ = handle.join();
+    }
+}
+
+/// On SIGINT or SIGTERM: keep the open dump (as incomplete), remove the socket, exit 0 once every
+/// byte received is durable.
+fn spawn_signal_handler(
+    mut signals: Signals,
+    card: SharedCard,
+    socket: PathBuf,
+    recovery: Recovery,
+) -> Result<()> {
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Some(signal) = signals.forever().next() {
             info!("signal {signal}: stopping");
@@ -396,6 +463,7 @@ fn spawn_signal_handler(card: SharedCard, socket: PathBuf) -> Result<()> {
             for writer in writers {
                 writer.join();
             }
+            wait_for_recovery(&recovery);
             vfio::lock(&card).events().flush(EVENTS_FLUSH_TIMEOUT);
             std::process::exit(0);
         }

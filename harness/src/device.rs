@@ -124,6 +124,12 @@ pub struct DeviceConfig {
     pub once: bool,
     /// File that receives the process's standard error (its log).
     pub log: PathBuf,
+    /// `--user`: the unprivileged user the device model drops to once set up.
+    pub user: Option<String>,
+    /// Extra arguments, after the others (e.g. `--no-sandbox`).
+    pub extra_args: Vec<String>,
+    /// Extra environment variables (e.g. the sandbox's test hook).
+    pub env: Vec<(String, String)>,
 }
 
 impl DeviceConfig {
@@ -142,6 +148,11 @@ impl DeviceConfig {
         if self.once {
             cmd.arg("--once");
         }
+        if let Some(user) = &self.user {
+            cmd.arg("--user").arg(user);
+        }
+        cmd.args(&self.extra_args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 }
@@ -296,6 +307,9 @@ mod tests {
             max_dump_size: Some("4GiB".into()),
             once: true,
             log: "/dev/null".into(),
+            user: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
         };
         let cmd = config.command();
         let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
@@ -330,6 +344,9 @@ mod tests {
             max_dump_size: None,
             once: true,
             log: dir.path().join("device.log"),
+            user: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
         };
         match DeviceProcess::spawn(&config, Duration::from_secs(10)) {
             Err(DeviceError::ExitedEarly { status, tail, .. }) => {

@@ -222,7 +222,19 @@ impl Running {
         run_dir: &Path,
         dumps_dir: &Path,
     ) -> Result<Running> {
-        Self::launch(rig, scenario, run_dir, dumps_dir, None)
+        Self::launch(rig, scenario, run_dir, dumps_dir, None, |_| {})
+    }
+
+    /// [`Running::start_with_dumps_in`], letting `device` change how the device model runs
+    /// (its user, extra arguments, environment) before it starts.
+    pub fn start_with_device(
+        rig: &Rig,
+        scenario: &Scenario,
+        run_dir: &Path,
+        dumps_dir: &Path,
+        device: impl FnOnce(&mut DeviceConfig),
+    ) -> Result<Running> {
+        Self::launch(rig, scenario, run_dir, dumps_dir, None, device)
     }
 
     /// The destination of a live migration: its own device model (dumps in `dumps_dir`) and a
@@ -234,7 +246,7 @@ impl Running {
         run_dir: &Path,
         dumps_dir: &Path,
     ) -> Result<Running> {
-        Self::launch(rig, scenario, run_dir, dumps_dir, Some("defer"))
+        Self::launch(rig, scenario, run_dir, dumps_dir, Some("defer"), |_| {})
     }
 
     fn launch(
@@ -243,6 +255,7 @@ impl Running {
         run_dir: &Path,
         dumps_dir: &Path,
         incoming: Option<&str>,
+        device: impl FnOnce(&mut DeviceConfig),
     ) -> Result<Running> {
         ensure!(scenario.memory_mb <= 2048, "guest RAM above 2 GiB would straddle the PCI hole");
         std::fs::create_dir_all(run_dir)?;
@@ -250,18 +263,20 @@ impl Running {
         // Before the device model starts: everything there now belongs to earlier runs.
         let earlier_sessions =
             sidecars_in(&dumps_dir).map(|(_, sidecar)| sidecar.session_id.to_string()).collect();
-        let card = DeviceProcess::spawn(
-            &DeviceConfig {
-                binary: rig.device.clone(),
-                socket: run_dir.join("card.sock"),
-                output_dir: dumps_dir.clone(),
-                vm_name: scenario.name.clone(),
-                max_dump_size: None,
-                once: true,
-                log: run_dir.join("device.log"),
-            },
-            Duration::from_secs(30),
-        )?;
+        let mut device_config = DeviceConfig {
+            binary: rig.device.clone(),
+            socket: run_dir.join("card.sock"),
+            output_dir: dumps_dir.clone(),
+            vm_name: scenario.name.clone(),
+            max_dump_size: None,
+            once: true,
+            log: run_dir.join("device.log"),
+            user: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        };
+        device(&mut device_config);
+        let card = DeviceProcess::spawn(&device_config, Duration::from_secs(30))?;
         let mut config = VmConfig::new(&scenario.name, card.socket(), run_dir);
         config.memory_mb = scenario.memory_mb;
         config.kernel = Some(rig.kernel.clone());

@@ -38,6 +38,9 @@ impl Rig {
                 max_dump_size: None,
                 once: true,
                 log: dir.path().join("device.log"),
+                user: None,
+                extra_args: Vec::new(),
+                env: Vec::new(),
             },
             Duration::from_secs(30),
         )?;

@@ -27,7 +27,7 @@ use log::{info, warn};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use uuid::Uuid;
@@ -83,11 +83,13 @@ impl CaptureConfig {
     /// Creates `path` (which must not exist) with the configured mode and group.
     fn create_file(&self, path: &Path, read: bool) -> io::Result<File> {
         use std::os::unix::fs::OpenOptionsExt;
+        // Exclusively, and never through a link planted under the name.
         let file = OpenOptions::new()
             .read(read)
             .write(true)
             .create_new(true)
             .mode(self.file_mode)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(path)?;
         // The umask may have taken bits away; the mode asked for is the mode wanted.
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(self.file_mode))?;
@@ -443,7 +445,9 @@ fn write_json_atomically(
     durable: bool,
 ) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
-    // A temporary file left by a device model killed mid-write is replaced.
+    // A file left under the temporary name (by a crash mid-write, or planted as a link out of
+    // the folder) is replaced, never written through: unlinking removes a link itself, and the
+    // new file is created exclusively, without following links.
     let _ = fs::remove_file(&tmp);
     let mut file = config.create_file(&tmp, false)?;
     serde_json::to_writer_pretty(&mut file, value).map_err(io::Error::other)?;
@@ -541,11 +545,39 @@ pub fn recover_stale(dir: &Path) -> Vec<PathBuf> {
     recovered
 }
 
+/// Opens an existing regular file of the output folder, never through a symbolic link and never
+/// waiting on a FIFO: a name there says nothing about what the file is.
+fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    Ok(file)
+}
+
+/// The sidecar at `path`, if it is a regular file holding one (sidecars are a few KiB: a
+/// bigger file is not one, and is not read into memory).
+fn read_sidecar(path: &Path) -> Option<Sidecar> {
+    use std::io::Read;
+    const MAX_SIDECAR: u64 = 1 << 20;
+    let file = open_regular(path, false).ok()?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SIDECAR + 1).read_to_end(&mut bytes).ok()?;
+    if bytes.len() as u64 > MAX_SIDECAR {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// Closes one stale partial: hash, then the sidecar (already naming the final file), then the
 /// rename. A device model killed in the middle leaves a `.partial` that the next one recovers
 /// again, never a renamed dump whose sidecar still says it is streaming.
 fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf>> {
-    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let file = open_regular(path, true)?;
     if file.try_lock().is_err() {
         return Ok(None);
     }
@@ -554,9 +586,7 @@ fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf
     let sidecar_path = dir.join(format!("{base}{SIDECAR_SUFFIX}"));
     let size = file.metadata()?.len();
     let sha = hash_file(&file)?;
-    if let Some(mut sidecar) =
-        fs::read(&sidecar_path).ok().and_then(|b| serde_json::from_slice::<Sidecar>(&b).ok())
-    {
+    if let Some(mut sidecar) = read_sidecar(&sidecar_path) {
         sidecar.dump_file = dump_name.clone();
         sidecar.state = DumpState::Incomplete;
         sidecar.incomplete_reason = Some("device model exited during capture".to_owned());
@@ -565,7 +595,7 @@ fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf
         sidecar.sha256 = Some(sha);
         sidecar.sha256_source = Some(HashSource::ReadBack);
         // Rewritten with the mode and group the old sidecar had.
-        let meta = fs::metadata(&sidecar_path)?;
+        let meta = fs::symlink_metadata(&sidecar_path)?;
         let config = CaptureConfig {
             file_mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
             file_group: Some(std::os::unix::fs::MetadataExt::gid(&meta)),
@@ -739,6 +769,34 @@ mod tests {
         .unwrap();
         assert_eq!(sc.sha256.as_deref(), Some(sha(b"dead bytes").as_str()));
         assert_eq!(sc.sha256_source, Some(HashSource::ReadBack));
+    }
+
+    /// Found by the `recovery` fuzz target: a FIFO under a sidecar's name hung recovery, and a
+    /// link under the temporary sidecar name made it write outside the folder.
+    #[test]
+    fn recovery_neither_follows_links_nor_waits_on_fifos() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        fs::create_dir(&dir).unwrap();
+        let outside = root.path().join("outside");
+        fs::write(&outside, b"keep").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("l.dmp.partial")).unwrap();
+        fs::write(dir.join("f.dmp.partial"), b"bytes").unwrap();
+        nix::unistd::mkfifo(&dir.join("f.json"), nix::sys::stat::Mode::S_IRUSR).unwrap();
+        let mut dead = Rig::open(&dir, 1 << 20);
+        dead.write(DumpIoType::Body, None, b"dead").unwrap();
+        let partial = dead.session.partial_path();
+        std::mem::drop(dead);
+        let tmp = partial.to_str().unwrap().replace(PARTIAL_SUFFIX, ".json.tmp");
+        std::os::unix::fs::symlink(&outside, &tmp).unwrap();
+
+        let recovered = recover_stale(&dir);
+        assert_eq!(recovered.len(), 2, "{recovered:?}");
+        assert_eq!(fs::read(&outside).unwrap(), b"keep");
+        assert!(fs::symlink_metadata(dir.join("l.dmp.partial")).unwrap().is_symlink());
+        let sidecar = partial.to_str().unwrap().replace(PARTIAL_SUFFIX, SIDECAR_SUFFIX);
+        let sc: Sidecar = serde_json::from_slice(&fs::read(sidecar).unwrap()).unwrap();
+        assert_eq!(sc.state, DumpState::Incomplete);
     }
 
     #[test]

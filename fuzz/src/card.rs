@@ -1,0 +1,489 @@
+//! The `card` target: a hostile guest drives a real [`CrashMonitorCard`] (real writer threads,
+//! real files in a tmpfs folder), and a model of what the card accepted says what must be on
+//! disk once the writers are joined.
+//!
+//! The input is a size byte then a list of operations ([`Op`]). Invariants, checked on every
+//! input:
+//! * nothing panics (a writer's panic is caught by the card, so its sidecar goes missing: that
+//!   is caught below as a missing session);
+//! * `COMPLETED` never runs ahead of the doorbells rung since the last reset, never goes back
+//!   within one, and equals them once every slot is free again;
+//! * every session the card opened that carried bytes ends as one dump and one sidecar (one
+//!   that carried none leaves no file); every sidecar parses; the
+//!   dump is complete exactly when its `Complete` doorbell was accepted;
+//! * no file is larger than the maximum dump size, none is written outside the output folder,
+//!   no `.partial` or temporary file is left once the writers are joined;
+//! * every byte of every accepted chunk is in its dump at its offset (later chunks over earlier
+//!   ones; bytes the guest changed while the writer still owned their slot may be either),
+//!   bytes no chunk wrote are zero, and the sidecar's `size`, `bytes_received` and `chunks`
+//!   agree with the model.
+
+use crate::Input;
+use crashmon_card_abi::{self as abi, control, regs, DumpIoType, ErrorCode, SLOT_COUNT, SLOT_SIZE};
+use crashmon_device_model::capture::{CaptureConfig, DumpState, Sidecar};
+use crashmon_device_model::card::CrashMonitorCard;
+use crashmon_device_model::data_window::DataWindow;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Sessions per input at most: the card keeps what the last 16 writers left
+/// (`FINISHED_KEPT`), which is how the model finds each session's files.
+const MAX_SESSIONS: u64 = 16;
+/// Operations per input at most.
+const MAX_OPS: usize = 256;
+/// The maximum dump sizes an input can pick: small, so a chunk can reach past them.
+const MAX_SIZES: [u64; 4] = [4096, 16384, 65536, 1 << 20];
+/// Widths of the generic accesses.
+const WIDTHS: [usize; 8] = [4, 8, 0, 1, 2, 3, 5, 16];
+/// Registers the `Reg` operation writes.
+const REGS: [u32; 16] = [
+    regs::CONTROL,
+    regs::BUGCHECK_CODE,
+    regs::BUGCHECK_PARAM1_LO,
+    regs::BUGCHECK_PARAM1_HI,
+    regs::BUGCHECK_PARAM2_LO,
+    regs::BUGCHECK_PARAM4_HI,
+    regs::CHUNK_OFFSET_LO,
+    regs::CHUNK_OFFSET_HI,
+    regs::CHUNK_LENGTH,
+    regs::CHUNK_TYPE,
+    regs::CHUNK_SLOT,
+    regs::DOORBELL,
+    regs::MAGIC,
+    regs::STATUS,
+    regs::COMPLETED,
+    regs::BYTES_WRITTEN_LO,
+];
+
+/// One thing the guest (or the bus) does.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// A BAR0 read: `offset` (bit 15: far outside BAR0), width index into `WIDTHS`.
+    Read { offset: u16, width: u8 },
+    /// A BAR0 write of the low bytes of `value`.
+    Write { offset: u16, width: u8, value: u64 },
+    /// A 4-byte write of a register of `REGS`.
+    Reg { reg: u8, value: u32 },
+    /// The whole descriptor, then the doorbell. `flags`: 1 sequential offset, 2 offset near
+    /// `u64::MAX`, 4 a length past the slot.
+    Chunk { slot: u8, len: u16, kind: u8, flags: u8, offset: u16 },
+    /// The guest stores `len` bytes of a pattern from `seed` at `at` in `slot`.
+    Fill { slot: u8, at: u32, len: u16, seed: u8 },
+    /// A CONTROL write of `value` (low 5 bits are commands, the rest invalid).
+    Control { value: u8 },
+    /// `DEVICE_RESET` from QEMU.
+    BusReset,
+    /// QEMU went away.
+    Disconnect,
+    /// The guest waits until every slot is free again.
+    Wait,
+    /// The complete doorbell.
+    Complete,
+}
+
+impl Op {
+    const COUNT: u8 = 10;
+
+    fn decode(i: &mut Input) -> Op {
+        match i.u8() % Self::COUNT {
+            0 => Op::Read { offset: i.u16(), width: i.u8() },
+            1 => Op::Write { offset: i.u16(), width: i.u8(), value: i.u64() },
+            2 => Op::Reg { reg: i.u8(), value: i.u32() },
+            3 => Op::Chunk {
+                slot: i.u8(),
+                len: i.u16(),
+                kind: i.u8(),
+                flags: i.u8(),
+                offset: i.u16(),
+            },
+            4 => Op::Fill { slot: i.u8(), at: i.u32(), len: i.u16(), seed: i.u8() },
+            5 => Op::Control { value: i.u8() },
+            6 => Op::BusReset,
+            7 => Op::Disconnect,
+            8 => Op::Wait,
+            _ => Op::Complete,
+        }
+    }
+
+    /// The bytes that decode to this operation.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match *self {
+            Op::Read { offset, width } => {
+                out.push(0);
+                out.extend(offset.to_le_bytes());
+                out.push(width);
+            }
+            Op::Write { offset, width, value } => {
+                out.push(1);
+                out.extend(offset.to_le_bytes());
+                out.push(width);
+                out.extend(value.to_le_bytes());
+            }
+            Op::Reg { reg, value } => {
+                out.push(2);
+                out.push(reg);
+                out.extend(value.to_le_bytes());
+            }
+            Op::Chunk { slot, len, kind, flags, offset } => {
+                out.extend([3, slot]);
+                out.extend(len.to_le_bytes());
+                out.extend([kind, flags]);
+                out.extend(offset.to_le_bytes());
+            }
+            Op::Fill { slot, at, len, seed } => {
+                out.extend([4, slot]);
+                out.extend(at.to_le_bytes());
+                out.extend(len.to_le_bytes());
+                out.push(seed);
+            }
+            Op::Control { value } => out.extend([5, value]),
+            Op::BusReset => out.push(6),
+            Op::Disconnect => out.push(7),
+            Op::Wait => out.push(8),
+            Op::Complete => out.push(9),
+        }
+    }
+}
+
+/// An input: the maximum-size index, then the operations.
+pub fn encode(max_size: u8, ops: &[Op]) -> Vec<u8> {
+    let mut out = vec![max_size];
+    for op in ops {
+        op.encode(&mut out);
+    }
+    out
+}
+
+/// What the model knows of one byte of a dump.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Byte {
+    /// No accepted chunk covered it: a hole, zero in the file.
+    Hole,
+    Known(u8),
+    /// The guest changed its slot while the writer still owned it: either value is right.
+    Unknown,
+}
+
+/// One session as the model sees it.
+struct ModelSession {
+    bytes: Vec<Byte>,
+    size: u64,
+    /// Where a sequential chunk goes: the end of the last accepted one.
+    cursor: u64,
+    received: u64,
+    chunks: u64,
+    complete: bool,
+}
+
+/// An accepted chunk whose slot may still be owned by its writer.
+#[derive(Clone, Copy)]
+struct InFlight {
+    session: usize,
+    start: u64,
+    len: usize,
+}
+
+struct Harness {
+    card: CrashMonitorCard,
+    max: u64,
+    sessions: Vec<ModelSession>,
+    /// Doorbells rung since the last reset, and the last COMPLETED read since then.
+    rung: u32,
+    completed: u32,
+    /// The last accepted chunk of each slot.
+    in_flight: [Option<InFlight>; SLOT_COUNT as usize],
+}
+
+fn fill_pattern(seed: u8, i: usize) -> u8 {
+    seed.wrapping_add((i as u8).wrapping_mul(31)) ^ (i >> 8) as u8
+}
+
+impl Harness {
+    fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.card.read(offset, &mut buf);
+        buf
+    }
+
+    fn r(&mut self, reg: u32) -> u32 {
+        let b = self.read(reg as u64, 4);
+        u32::from_le_bytes(b.try_into().unwrap())
+    }
+
+    /// Every BAR0 write goes through here, so that the model sees resets and doorbells however
+    /// the guest spells them.
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 4 && offset == regs::DOORBELL as u64 {
+            return self.ring();
+        }
+        self.card.write(offset, data);
+        if data.len() == 4 && offset == regs::CONTROL as u64 {
+            let v = u32::from_le_bytes(data.try_into().unwrap());
+            if v & !control::ALL == 0 && v & control::RESET != 0 {
+                self.reset_model();
+            }
+        }
+        self.note_sessions();
+    }
+
+    fn reset_model(&mut self) {
+        self.rung = 0;
+        self.completed = 0;
+    }
+
+    /// Sessions the card opened since the last look.
+    fn note_sessions(&mut self) {
+        while (self.sessions.len() as u64) < self.card.sessions_opened() {
+            self.sessions.push(ModelSession {
+                bytes: vec![Byte::Hole; self.max as usize],
+                size: 0,
+                cursor: 0,
+                received: 0,
+                chunks: 0,
+                complete: false,
+            });
+        }
+    }
+
+    /// The doorbell, with the ERROR register cleared first so that its value afterwards says
+    /// whether this doorbell was accepted (clearing has no other effect).
+    fn ring(&mut self) {
+        self.card.write(regs::CONTROL as u64, &control::CLEAR_ERROR.to_le_bytes());
+        let offset =
+            u64::from_le_bytes(self.read(regs::CHUNK_OFFSET_LO as u64, 8).try_into().unwrap());
+        let len = self.r(regs::CHUNK_LENGTH) as usize;
+        let kind = DumpIoType::from_u32(self.r(regs::CHUNK_TYPE));
+        let slot = self.r(regs::CHUNK_SLOT);
+        // What the slot holds now: the writer copies it later, but a guest that keeps its hands
+        // off an owned slot gets exactly these bytes (see `fill`).
+        let snapshot = (slot < SLOT_COUNT && len <= SLOT_SIZE as usize).then(|| {
+            let mut b = vec![0u8; len];
+            self.card.window().read(slot as u64 * SLOT_SIZE as u64, &mut b).unwrap();
+            b
+        });
+        let before = self.card.sessions_opened();
+        self.card.write(regs::DOORBELL as u64, &1u32.to_le_bytes());
+        self.rung += 1;
+        self.note_sessions();
+        let error = self.r(regs::ERROR);
+        assert_ne!(error, ErrorCode::HostIo as u32, "HOST_IO on tmpfs");
+        if error != ErrorCode::None as u32 {
+            assert_eq!(self.card.sessions_opened(), before, "a refused doorbell opened a session");
+            return;
+        }
+        let session = self.sessions.len().checked_sub(1).expect("accepted with no session");
+        match kind {
+            Some(DumpIoType::Complete) => {
+                assert_eq!(len, 0, "a complete doorbell with a length was accepted");
+                self.sessions[session].complete = true;
+            }
+            Some(DumpIoType::Header | DumpIoType::Body | DumpIoType::SecondaryData) => {
+                let data = snapshot.expect("a chunk outside the window was accepted");
+                assert!(len > 0);
+                let s = &mut self.sessions[session];
+                let start = if offset == abi::OFFSET_SEQUENTIAL { s.cursor } else { offset };
+                let end = start + len as u64;
+                assert!(end <= self.max, "a chunk past the maximum size was accepted");
+                for (i, b) in data.iter().enumerate() {
+                    s.bytes[start as usize + i] = Byte::Known(*b);
+                }
+                s.size = s.size.max(end);
+                s.cursor = end;
+                s.received += len as u64;
+                s.chunks += 1;
+                self.in_flight[slot as usize] = Some(InFlight { session, start, len });
+            }
+            _ => panic!("a doorbell of type {kind:?} was accepted"),
+        }
+    }
+
+    fn fill(&mut self, slot: u8, at: u32, len: u16, seed: u8) {
+        let slot = slot as u32 % SLOT_COUNT;
+        let at = at % SLOT_SIZE;
+        let len = (len as u32).min(SLOT_SIZE - at) as usize;
+        if self.card.window().is_owned(slot) {
+            // The writer may copy the old bytes or the new ones (or a mix): a guest that does
+            // this only spoils its own dump.
+            if let Some(f) = self.in_flight[slot as usize] {
+                let lo = f.start as usize + (at as usize).min(f.len);
+                let hi = f.start as usize + (at as usize + len).min(f.len);
+                for b in &mut self.sessions[f.session].bytes[lo..hi] {
+                    *b = Byte::Unknown;
+                }
+            }
+        }
+        let data: Vec<u8> = (0..len).map(|i| fill_pattern(seed, i)).collect();
+        self.card.window().write(slot as u64 * SLOT_SIZE as u64 + at as u64, &data).unwrap();
+    }
+
+    /// Waits until every writer has released its slot.
+    fn wait_slots(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (0..SLOT_COUNT).any(|s| self.card.window().is_owned(s)) {
+            assert!(Instant::now() < deadline, "a writer never released its slot");
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// COMPLETED against the doorbells rung.
+    fn check_completed(&mut self, all_done: bool) {
+        let completed = self.r(regs::COMPLETED);
+        assert!(completed <= self.rung, "COMPLETED {completed} ahead of {} doorbells", self.rung);
+        assert!(
+            completed >= self.completed,
+            "COMPLETED went back: {} then {completed}",
+            self.completed
+        );
+        if all_done {
+            assert_eq!(completed, self.rung, "every slot is free but COMPLETED lags");
+        }
+        self.completed = completed;
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Read { offset, width } => {
+                let len = WIDTHS[width as usize % WIDTHS.len()];
+                let _ = self.read(bar0_offset(offset), len);
+            }
+            Op::Write { offset, width, value } => {
+                let len = WIDTHS[width as usize % WIDTHS.len()];
+                let mut data = value.to_le_bytes().to_vec();
+                data.resize(len, 0xA5);
+                self.write(bar0_offset(offset), &data);
+            }
+            Op::Reg { reg, value } => {
+                let reg = REGS[reg as usize % REGS.len()];
+                self.write(reg as u64, &value.to_le_bytes());
+            }
+            Op::Chunk { slot, len, kind, flags, offset } => {
+                let offset = match flags & 3 {
+                    1 | 3 => abi::OFFSET_SEQUENTIAL,
+                    2 => u64::MAX - 1 - offset as u64,
+                    _ => offset as u64,
+                };
+                let len = len as u32 | if flags & 4 != 0 { SLOT_SIZE } else { 0 };
+                self.write(regs::CHUNK_OFFSET_LO as u64, &offset.to_le_bytes());
+                self.write(regs::CHUNK_LENGTH as u64, &len.to_le_bytes());
+                self.write(regs::CHUNK_TYPE as u64, &(kind as u32 % 6).to_le_bytes());
+                self.write(regs::CHUNK_SLOT as u64, &(slot as u32 % 6).to_le_bytes());
+                self.ring();
+            }
+            Op::Fill { slot, at, len, seed } => self.fill(slot, at, len, seed),
+            Op::Control { value } => {
+                self.write(regs::CONTROL as u64, &(value as u32).to_le_bytes())
+            }
+            Op::BusReset => {
+                self.card.bus_reset();
+                self.reset_model();
+            }
+            Op::Disconnect => {
+                self.card.disconnect();
+                self.reset_model();
+            }
+            Op::Wait => self.wait_slots(),
+            Op::Complete => {
+                self.write(regs::CHUNK_LENGTH as u64, &0u32.to_le_bytes());
+                self.write(regs::CHUNK_TYPE as u64, &(DumpIoType::Complete as u32).to_le_bytes());
+                self.ring();
+            }
+        }
+        self.check_completed(matches!(op, Op::Wait));
+    }
+}
+
+fn bar0_offset(offset: u16) -> u64 {
+    if offset & 0x8000 != 0 {
+        (offset as u64) << 32
+    } else {
+        offset as u64 & 0xFFF
+    }
+}
+
+/// Runs one input.
+pub fn run(data: &[u8]) {
+    let root = crate::scratch_root("card");
+    let out = root.join("out");
+    crate::fresh_dir(&out);
+    let mut input = Input::new(data);
+    let max = MAX_SIZES[input.u8() as usize % MAX_SIZES.len()];
+    // No disk limits (each input is its own small folder); the card's own bounds still hold.
+    let config =
+        CaptureConfig { limits: crate::NO_LIMITS, ..CaptureConfig::new(&out, "fuzz", max) };
+    let window = DataWindow::new().expect("memfd");
+    let mut h = Harness {
+        card: CrashMonitorCard::new(config, window),
+        max,
+        sessions: Vec::new(),
+        rung: 0,
+        completed: 0,
+        in_flight: [None; SLOT_COUNT as usize],
+    };
+    for _ in 0..MAX_OPS {
+        if input.is_empty() || h.card.sessions_opened() >= MAX_SESSIONS {
+            break;
+        }
+        let op = Op::decode(&mut input);
+        h.apply(&op);
+    }
+    // The VM goes away; every writer is joined.
+    h.card.disconnect();
+    let finished = h.card.wait_writers();
+    h.wait_slots();
+    check_disk(&root, &out, max, &h.sessions, &finished);
+}
+
+fn check_disk(
+    root: &Path,
+    out: &Path,
+    max: u64,
+    model: &[ModelSession],
+    finished: &[crashmon_device_model::capture::Finished],
+) {
+    assert_eq!(crate::names(root), ["out"], "a file outside the output folder");
+    let names = crate::names(out);
+    for name in &names {
+        assert!(
+            name.ends_with(".dmp") || name.ends_with(".json"),
+            "{name} left once every writer ended"
+        );
+        let len = std::fs::metadata(out.join(name)).unwrap().len();
+        if name.ends_with(".dmp") {
+            assert!(len <= max, "{name}: {len} bytes, past the maximum {max}");
+        } else {
+            let sc: Sidecar = serde_json::from_slice(&std::fs::read(out.join(name)).unwrap())
+                .unwrap_or_else(|e| panic!("{name} does not parse: {e}"));
+            assert!(sc.state != DumpState::Streaming, "{name} still says streaming");
+        }
+    }
+    // A session that carried no dump byte leaves no file at all.
+    let kept: Vec<&ModelSession> = model.iter().filter(|m| m.received > 0).collect();
+    assert_eq!(
+        names.len(),
+        2 * kept.len(),
+        "one dump and one sidecar per session with bytes: {names:?}"
+    );
+    assert_eq!(finished.len(), kept.len(), "a session's writer left nothing");
+    for (m, f) in kept.into_iter().zip(finished) {
+        let on_disk: Sidecar =
+            serde_json::from_slice(&std::fs::read(&f.sidecar_path).unwrap()).unwrap();
+        assert_eq!(on_disk, f.sidecar, "the sidecar on disk is not the final one");
+        let sc = &f.sidecar;
+        assert_eq!(sc.state == DumpState::Complete, m.complete, "state of {}", sc.dump_file);
+        assert_eq!(
+            (sc.size, sc.bytes_received, sc.chunks, sc.write_errors),
+            (m.size, m.received, m.chunks, 0),
+            "sidecar of {} against the model",
+            sc.dump_file
+        );
+        let file = std::fs::read(&f.dump_path).unwrap();
+        assert_eq!(file.len() as u64, m.size, "{}: file length", sc.dump_file);
+        for (at, (got, want)) in file.iter().zip(&m.bytes).enumerate() {
+            match *want {
+                Byte::Hole => assert_eq!(*got, 0, "{}: hole byte {at:#x}", sc.dump_file),
+                Byte::Known(b) => assert_eq!(*got, b, "{}: byte {at:#x}", sc.dump_file),
+                Byte::Unknown => {}
+            }
+        }
+    }
+}
