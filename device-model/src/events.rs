@@ -159,6 +159,20 @@ pub struct EventsConfig {
     pub on_dump: Option<String>,
     /// How long a hook may run before it is killed.
     pub hook_timeout: Duration,
+    /// journald's socket, when running under systemd with the journal on standard error
+    /// ([`journal_socket`]): each event is also sent there as structured fields.
+    pub journal: Option<PathBuf>,
+}
+
+/// Where journald listens, when this process's output goes to the journal (systemd sets
+/// `JOURNAL_STREAM` then). `CRASHMON_JOURNAL_SOCKET` names another socket, for tests.
+pub fn journal_socket() -> Option<PathBuf> {
+    std::env::var_os("JOURNAL_STREAM")?;
+    Some(
+        std::env::var_os("CRASHMON_JOURNAL_SOCKET")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/systemd/journal/socket")),
+    )
 }
 
 /// The handle producers emit through; cheap to clone. A disabled handle drops everything.
@@ -206,9 +220,15 @@ impl Events {
         config: &EventsConfig,
         hooks: Option<ChildStdin>,
     ) -> io::Result<(Self, Option<EventsThread>)> {
-        if config.path.is_none() && hooks.is_none() {
+        if config.path.is_none() && hooks.is_none() && config.journal.is_none() {
             return Ok((Self::disabled(), None));
         }
+        // The datagram socket is made now, before the device model sandboxes itself: the events
+        // thread then only sends on it.
+        let journal = match &config.journal {
+            Some(path) => Some((std::os::unix::net::UnixDatagram::unbound()?, path.clone())),
+            None => None,
+        };
         let out: Option<Box<dyn Write + Send>> = match &config.path {
             None => None,
             Some(p) if p.as_os_str() == "-" => Some(Box::new(io::stdout())),
@@ -226,6 +246,7 @@ impl Events {
             hooks,
             on_crash: config.on_crash.clone(),
             on_dump: config.on_dump.clone(),
+            journal,
         };
         Ok((Self { inner: Some(inner) }, Some(EventsThread { writer, queue: rx })))
     }
@@ -286,6 +307,7 @@ struct Writer {
     hooks: Option<ChildStdin>,
     on_crash: Option<String>,
     on_dump: Option<String>,
+    journal: Option<(std::os::unix::net::UnixDatagram, PathBuf)>,
 }
 
 impl Writer {
@@ -315,7 +337,19 @@ impl Writer {
                     self.out = None;
                 }
             }
+            self.journal(&event);
             self.hook(&event);
+        }
+    }
+
+    /// Sends `event` to journald as one entry of structured fields (`CRASHMON_EVENT`,
+    /// `CRASHMON_VM`, `CRASHMON_CODE`, ...), with a one-line `MESSAGE`.
+    fn journal(&mut self, event: &Event) {
+        let Some((socket, path)) = &self.journal else { return };
+        let entry = journal_entry(&self.inner.vm, event);
+        if let Err(e) = socket.send_to(entry.as_bytes(), path) {
+            log::error!("sending an event to the journal failed: {e}; no more are sent");
+            self.journal = None;
         }
     }
 
@@ -340,6 +374,81 @@ impl Writer {
             self.hooks = None;
         }
     }
+}
+
+/// A one-line account of `event`, for the journal's `MESSAGE`.
+pub fn summary(vm: &str, event: &Event) -> String {
+    let bugcheck = |b: &Option<BugCheckFields>| match b {
+        Some(b) => format!("{} ({})", b.code, b.parameters.join(", ")),
+        None => "(code not known)".to_owned(),
+    };
+    match event {
+        Event::Armed => format!("VM {vm}: the guest's driver armed the crash-monitor card"),
+        Event::Bugcheck { bugcheck: b, .. } => format!("VM {vm} bug checked: {}", bugcheck(b)),
+        Event::Progress { bytes_written, .. } => {
+            format!("VM {vm}: {bytes_written} bytes of the dump written")
+        }
+        Event::Complete { dump, .. } => {
+            format!("VM {vm}: dump complete: {} ({} bytes)", dump.dump.display(), dump.size)
+        }
+        Event::Incomplete { reason, dump, .. } => format!(
+            "VM {vm}: dump incomplete ({reason}): {} ({} bytes)",
+            dump.dump.display(),
+            dump.size
+        ),
+        Event::EmptySession { reason, .. } => {
+            format!("VM {vm}: a session carried no dump bytes ({reason})")
+        }
+        Event::ChunkRefused { code, detail } => format!("VM {vm}: refused {code}: {detail}"),
+        Event::Quota { limit, detail } => format!("VM {vm}: {limit}: {detail}"),
+    }
+}
+
+/// `event` as a journald entry (its native protocol: `KEY=value` lines), every field of the
+/// event's JSON as `CRASHMON_<FIELD>` (nested ones joined with `_`, lists with spaces).
+pub fn journal_entry(vm: &str, event: &Event) -> String {
+    fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        use serde_json::Value;
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    flatten(&format!("{prefix}_{}", k.to_ascii_uppercase()), v, out);
+                }
+            }
+            Value::Array(items) => {
+                let words: Vec<String> = items
+                    .iter()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .collect();
+                out.push((prefix.to_owned(), words.join(" ")));
+            }
+            Value::Null => {}
+            Value::String(s) => out.push((prefix.to_owned(), s.clone())),
+            other => out.push((prefix.to_owned(), other.to_string())),
+        }
+    }
+    let priority = match event {
+        Event::Bugcheck { .. } | Event::Incomplete { .. } | Event::Quota { .. } => 4,
+        Event::ChunkRefused { .. } => 5,
+        _ => 6,
+    };
+    let mut fields = vec![
+        ("MESSAGE".to_owned(), summary(vm, event)),
+        ("PRIORITY".to_owned(), priority.to_string()),
+        ("SYSLOG_IDENTIFIER".to_owned(), "crashmon-device".to_owned()),
+        ("CRASHMON_VM".to_owned(), vm.to_owned()),
+    ];
+    flatten("CRASHMON", &serde_json::to_value(event).unwrap_or_default(), &mut fields);
+    let mut entry = String::new();
+    for (key, value) in fields {
+        // One line per field: a value never holds a newline (the protocol would need its
+        // binary form for that).
+        entry.push_str(&key);
+        entry.push('=');
+        entry.push_str(&value.replace('\n', " "));
+        entry.push('\n');
+    }
+    entry
 }
 
 /// The `CRASHMON_*` environment a hook gets for `event`.
@@ -491,6 +600,30 @@ mod tests {
         assert_eq!(v["code"], "0x000000d1");
         assert_eq!(v["parameters"][3], "0x4");
         assert!(v.get("dropped").is_none());
+    }
+
+    #[test]
+    fn journal_entries_are_structured_fields() {
+        let event = Event::Bugcheck {
+            session: "s1".into(),
+            bugcheck: Some(BugCheckFields {
+                code: "0x000000d1".into(),
+                parameters: ["0x1".into(), "0x2".into(), "0x3".into(), "0x4".into()],
+                source: "announced".into(),
+            }),
+        };
+        let entry = journal_entry("win11", &event);
+        let lines: Vec<&str> = entry.lines().collect();
+        assert!(lines.contains(&"MESSAGE=VM win11 bug checked: 0x000000d1 (0x1, 0x2, 0x3, 0x4)"));
+        assert!(lines.contains(&"PRIORITY=4"));
+        assert!(lines.contains(&"CRASHMON_EVENT=bugcheck"));
+        assert!(lines.contains(&"CRASHMON_VM=win11"));
+        assert!(lines.contains(&"CRASHMON_SESSION=s1"));
+        assert!(lines.contains(&"CRASHMON_CODE=0x000000d1"));
+        assert!(lines.contains(&"CRASHMON_PARAMETERS=0x1 0x2 0x3 0x4"));
+        let quota =
+            journal_entry("v", &Event::Quota { limit: "keep".into(), detail: "a\nb".into() });
+        assert!(quota.lines().any(|l| l == "CRASHMON_DETAIL=a b"), "{quota}");
     }
 
     #[test]

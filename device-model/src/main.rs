@@ -293,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
         on_crash: cli.on_crash.clone(),
         on_dump: cli.on_dump.clone(),
         hook_timeout: std::time::Duration::from_secs(cli.hook_timeout),
+        journal: events::journal_socket(),
     };
     let hooks = if cli.on_crash.is_some() || cli.on_dump.is_some() {
         let (runner, stdin) = events::spawn_hook_runner(events_config.hook_timeout)

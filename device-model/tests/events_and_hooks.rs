@@ -128,3 +128,48 @@ fn an_unannounced_dump_reports_the_crash_from_its_header_and_empty_sessions_leav
     assert_eq!(crashes[1]["code"], "0x00000050");
     assert_eq!(crashes[1]["source"], "dump-header");
 }
+
+#[test]
+fn under_systemd_each_event_also_goes_to_the_journal_as_fields() {
+    // journald's side: a datagram socket where the device model is told the journal listens
+    // (JOURNAL_STREAM is what systemd sets when a service's output goes to the journal).
+    let scratch = tempfile::tempdir().unwrap();
+    let journal_path = scratch.path().join("journal.sock");
+    let journal = std::os::unix::net::UnixDatagram::bind(&journal_path).unwrap();
+    journal.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut dev = Device::start_with_env(
+        &["--once"],
+        &[("JOURNAL_STREAM", "8:123"), ("CRASHMON_JOURNAL_SOCKET", journal_path.to_str().unwrap())],
+    );
+    let vfio = VfioCard::connect(&dev.socket);
+    let mut card = Card::probe(&vfio).unwrap();
+    card.reset();
+    card.arm().unwrap();
+    card.announce(0xD1, [1, 2, 3, 4]).unwrap();
+    card.dump_io(abi::OFFSET_SEQUENTIAL, DumpIoType::Body, &[7u8; 8192]).unwrap();
+    card.dump_io(abi::OFFSET_SEQUENTIAL, DumpIoType::Complete, &[]).unwrap();
+    vfio.client.borrow().shutdown().unwrap();
+    drop(vfio);
+    assert!(dev.wait().success(), "{}", dev.log());
+
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while entries.len() < 3 {
+        let n = journal.recv(&mut buf).expect("an entry from the device model");
+        entries.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let field = |entry: &str, key: &str| {
+        entry.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_owned)
+    };
+    let kinds: Vec<String> = entries.iter().filter_map(|e| field(e, "CRASHMON_EVENT")).collect();
+    assert_eq!(kinds, ["armed", "bugcheck", "complete"], "{entries:#?}");
+    let crash = &entries[1];
+    assert_eq!(field(crash, "CRASHMON_VM").as_deref(), Some("itest"));
+    assert_eq!(field(crash, "CRASHMON_CODE").as_deref(), Some("0x000000d1"));
+    assert_eq!(field(crash, "PRIORITY").as_deref(), Some("4"));
+    assert!(field(crash, "MESSAGE").unwrap().starts_with("VM itest bug checked: 0x000000d1"));
+    let done = &entries[2];
+    let dumps = dev.files(".dmp");
+    assert_eq!(field(done, "CRASHMON_DUMP").as_deref(), dumps[0].to_str());
+    assert_eq!(field(done, "CRASHMON_SIZE").as_deref(), Some("8192"));
+}

@@ -1,7 +1,7 @@
 //! `crashmon-harness`: provisions QEMU, runs the crash-monitor card in a VM, and prints the QEMU
 //! options that attach the card to your own VMs.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use crashmon_harness::progress::DumpProgress;
 use crashmon_harness::qemu::{Qemu, QemuSource};
@@ -215,6 +215,25 @@ fn demo(out: PathBuf, scenario: &Scenario) -> Result<()> {
         println!("\nThe dump is on the host and verified:\n{}", d.report());
     }
     println!("Whole run: {:.1} s. Logs: {}", outcome.elapsed.as_secs_f64(), logs.display());
+    // What an operator's own tool says of it: `crashmon-dump inspect`, built beside this binary.
+    for d in &outcome.dumps {
+        let tool = std::env::current_exe()?.with_file_name("crashmon-dump");
+        let shown = std::process::Command::new(&tool)
+            .arg("inspect")
+            .arg(&d.path)
+            .output()
+            .with_context(|| format!("cannot run {}", tool.display()))?;
+        ensure!(
+            shown.status.success(),
+            "crashmon-dump inspect failed: {}",
+            String::from_utf8_lossy(&shown.stderr).trim()
+        );
+        println!(
+            "\n$ crashmon-dump inspect {}\n{}",
+            d.path.display(),
+            String::from_utf8_lossy(&shown.stdout).trim_end()
+        );
+    }
 
     println!("\nTo give your own VM the card, run the device model:");
     let example_socket = PathBuf::from("/run/crashmon/myvm.sock");

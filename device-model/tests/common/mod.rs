@@ -29,6 +29,13 @@ impl Device {
         Self::start_in(tempfile::tempdir().unwrap(), extra)
     }
 
+    /// [`Device::start`] with more environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Device {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, out) = (dir.path().join("card.sock"), dir.path().join("dumps"));
+        Self::spawn(dir, &socket, &out, extra, env)
+    }
+
     /// Starts a device model whose output folder is `dir/dumps` (which may already hold files).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Device {
         let socket = dir.path().join("card.sock");
@@ -38,8 +45,19 @@ impl Device {
 
     /// Starts a device model on `socket` writing to `out`; `dir` holds its log.
     pub fn start_at(dir: tempfile::TempDir, socket: &Path, out: &Path, extra: &[&str]) -> Device {
+        Self::spawn(dir, socket, out, extra, &[])
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        socket: &Path,
+        out: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Device {
         let (socket, out) = (socket.to_owned(), out.to_owned());
         let child = Command::new(BIN)
+            .envs(env.iter().copied())
             .arg("--socket")
             .arg(&socket)
             .arg("--output-dir")
