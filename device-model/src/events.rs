@@ -328,11 +328,7 @@ impl Writer {
                     event: &event,
                     dropped,
                 };
-                let written = serde_json::to_writer(&mut *out, &line)
-                    .map_err(io::Error::other)
-                    .and_then(|()| out.write_all(b"\n"))
-                    .and_then(|()| out.flush());
-                if let Err(e) = written {
+                if let Err(e) = write_json_line(out, &line) {
                     log::error!("writing an event failed: {e}; events are no longer written");
                     self.out = None;
                 }
@@ -365,15 +361,18 @@ impl Writer {
             command: command.clone(),
             env: hook_env(&self.inner.vm, event),
         };
-        let sent = serde_json::to_writer(&mut *stdin, &request)
-            .map_err(io::Error::other)
-            .and_then(|()| stdin.write_all(b"\n"))
-            .and_then(|()| stdin.flush());
-        if let Err(e) = sent {
+        if let Err(e) = write_json_line(stdin, &request) {
             log::error!("the hook runner is gone ({e}); hooks no longer run");
             self.hooks = None;
         }
     }
+}
+
+/// Writes `value` as one line of JSON and flushes it.
+fn write_json_line(out: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, value).map_err(io::Error::other)?;
+    out.write_all(b"\n")?;
+    out.flush()
 }
 
 /// A one-line account of `event`, for the journal's `MESSAGE`.

@@ -267,6 +267,11 @@ fn vm_went_away(e: &vfio_user::Error) -> bool {
                 ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
             );
         }
+        // Messages that carry fds fail with vmm-sys-util's errno type instead.
+        if let Some(errno) = s.downcast_ref::<vmm_sys_util::errno::Error>() {
+            let kind = std::io::Error::from_raw_os_error(errno.errno()).kind();
+            return matches!(kind, ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
         source = s.source();
     }
     false
@@ -470,4 +475,23 @@ fn spawn_signal_handler(
         }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_that_went_away_is_a_disconnect_and_bad_input_is_an_error() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(vm_went_away(&vfio_user::Error::StreamRead(reset)));
+        let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        assert!(vm_went_away(&vfio_user::Error::StreamRead(eof)));
+        // QEMU killed while a message with fds was being received.
+        let fd_reset = vmm_sys_util::errno::Error::new(nix::libc::ECONNRESET);
+        assert!(vm_went_away(&vfio_user::Error::ReceiveWithFd(fd_reset)));
+        assert!(!vm_went_away(&vfio_user::Error::InvalidInput));
+        let bad = std::io::Error::from(std::io::ErrorKind::InvalidData);
+        assert!(!vm_went_away(&vfio_user::Error::StreamRead(bad)));
+    }
 }

@@ -176,6 +176,19 @@ pub struct Rig {
 }
 
 impl Rig {
+    /// One rig for a whole test binary, prepared on first use (with the test logger), so that
+    /// each test file does not build the guest again. Panics if it cannot be prepared.
+    pub fn shared() -> &'static Rig {
+        static RIG: std::sync::OnceLock<Rig> = std::sync::OnceLock::new();
+        RIG.get_or_init(|| {
+            let _ =
+                env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+                    .is_test(true)
+                    .try_init();
+            Rig::prepare().expect("QEMU, the guest and the device model")
+        })
+    }
+
     /// Finds or provisions QEMU, builds the guest and finds the device model.
     pub fn prepare() -> Result<Rig> {
         Ok(Rig {

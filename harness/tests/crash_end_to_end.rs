@@ -6,17 +6,10 @@ use anyhow::{ensure, Context, Result};
 use crashmon_device_model::capture::DumpState;
 use crashmon_harness::scenario::{self, Rig, Running, Scenario, Trigger};
 use crashmon_harness::verify::{splitmix64, Workload};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 fn rig() -> &'static Rig {
-    static RIG: OnceLock<Rig> = OnceLock::new();
-    RIG.get_or_init(|| {
-        let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-            .is_test(true)
-            .try_init();
-        Rig::prepare().expect("QEMU, the guest and the device model")
-    })
+    Rig::shared()
 }
 
 /// Runs `scenario` with 64 MiB of guest RAM and prints its report.

@@ -10,17 +10,10 @@
 use anyhow::{ensure, Result};
 use crashmon_harness::scenario::{self, Outcome, Rig, Running, Scenario};
 use crashmon_harness::slowfs::{SlowFs, SlowFsOptions, Stats};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 fn rig() -> &'static Rig {
-    static RIG: OnceLock<Rig> = OnceLock::new();
-    RIG.get_or_init(|| {
-        let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-            .is_test(true)
-            .try_init();
-        Rig::prepare().expect("QEMU, the guest and the device model")
-    })
+    Rig::shared()
 }
 
 /// Runs `scenario` (64 MiB guest) with its dumps on a slow filesystem; returns the outcome and
