@@ -449,9 +449,12 @@ fn write_json_atomically(
     // the folder) is replaced, never written through: unlinking removes a link itself, and the
     // new file is created exclusively, without following links.
     let _ = fs::remove_file(&tmp);
+    // Serialized in memory and written at once: serde_json into a bare `File` makes one write
+    // per token (hundreds of syscalls per sidecar; on a slow disk each one waits).
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    bytes.push(b'\n');
     let mut file = config.create_file(&tmp, false)?;
-    serde_json::to_writer_pretty(&mut file, value).map_err(io::Error::other)?;
-    file.write_all(b"\n")?;
+    file.write_all(&bytes)?;
     if durable {
         file.sync_all()?;
     }
