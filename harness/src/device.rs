@@ -3,14 +3,14 @@
 //! stopping it.
 
 use log::{debug, info};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+use crate::process::{ProcessError, Supervised};
 
 /// Environment variable naming the `crashmon-device` binary to use.
 pub const DEVICE_ENV: &str = "CRASHMON_DEVICE";
@@ -36,8 +36,8 @@ pub enum DeviceError {
     #[error("the device model did not create its socket {socket} within {timeout:?}; last lines of its log {log}:\n{tail}")]
     NoSocket { socket: PathBuf, timeout: Duration, log: PathBuf, tail: String },
     /// It did not exit in time.
-    #[error("the device model (pid {pid}) did not exit within {timeout:?}")]
-    StillRunning { pid: u32, timeout: Duration },
+    #[error(transparent)]
+    Process(#[from] ProcessError),
     /// Another I/O error.
     #[error("{context}")]
     Io { context: String, source: io::Error },
@@ -157,12 +157,13 @@ impl DeviceConfig {
     }
 }
 
+/// What messages call the device model's process.
+const WHAT: &str = "the device model";
+
 /// A running device model. Dropping it kills the process if it is still running.
 pub struct DeviceProcess {
-    child: Child,
+    process: Supervised,
     socket: PathBuf,
-    log: PathBuf,
-    exit: Option<ExitStatus>,
 }
 
 impl DeviceProcess {
@@ -181,10 +182,8 @@ impl DeviceProcess {
             .spawn()
             .map_err(|source| DeviceError::Spawn { binary: config.binary.clone(), source })?;
         let mut device = DeviceProcess {
-            child,
+            process: Supervised::new(child, WHAT, config.log.clone()),
             socket: config.socket.clone(),
-            log: config.log.clone(),
-            exit: None,
         };
         device.wait_for_socket(timeout)?;
         Ok(device)
@@ -197,7 +196,7 @@ impl DeviceProcess {
                 return Err(DeviceError::ExitedEarly {
                     status,
                     socket: self.socket.clone(),
-                    log: self.log.clone(),
+                    log: self.log_path().to_owned(),
                     tail: self.log_tail(),
                 });
             }
@@ -208,7 +207,7 @@ impl DeviceProcess {
                 return Err(DeviceError::NoSocket {
                     socket: self.socket.clone(),
                     timeout,
-                    log: self.log.clone(),
+                    log: self.log_path().to_owned(),
                     tail: self.log_tail(),
                 });
             }
@@ -223,65 +222,43 @@ impl DeviceProcess {
 
     /// The file holding the process's log.
     pub fn log_path(&self) -> &Path {
-        &self.log
+        self.process.log_path()
     }
 
     /// The last lines of the process's log.
     pub fn log_tail(&self) -> String {
-        crate::log_tail(&self.log, 20)
+        self.process.log_tail()
     }
 
     /// The process ID.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// The exit status if the process has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, DeviceError> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().map_err(|source| DeviceError::Io {
-                context: format!("cannot check on the device model (pid {})", self.child.id()),
-                source,
-            })?;
-        }
-        Ok(self.exit)
+        Ok(self.process.try_wait()?)
     }
 
     /// Waits up to `timeout` for the process to exit by itself (as it does with `--once`).
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus, DeviceError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                return Err(DeviceError::StillRunning { pid: self.pid(), timeout });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Ok(self.process.wait_timeout(timeout)?)
     }
 
     /// Asks the process to stop (SIGTERM: it keeps any open dump and removes its socket) and
     /// waits up to `timeout`; kills it if it does not stop in time.
     pub fn stop(&mut self, timeout: Duration) -> Result<ExitStatus, DeviceError> {
-        if let Some(status) = self.try_wait()? {
-            return Ok(status);
+        let result = self.process.terminate(timeout);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.socket);
         }
-        let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM);
-        match self.wait_timeout(timeout) {
-            Err(DeviceError::StillRunning { .. }) => {
-                self.kill();
-                Err(DeviceError::StillRunning { pid: self.pid(), timeout })
-            }
-            other => other,
-        }
+        Ok(result?)
     }
 
     /// Kills the process (if it is still running), reaps it and removes its stale socket.
     pub fn kill(&mut self) {
-        if matches!(self.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            self.exit = self.child.wait().ok();
+        if matches!(self.process.try_wait(), Ok(None)) {
+            self.process.kill();
             let _ = std::fs::remove_file(&self.socket);
         }
     }

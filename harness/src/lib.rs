@@ -18,6 +18,7 @@ pub mod bench;
 pub mod device;
 pub mod guest;
 pub mod pci;
+pub mod process;
 pub mod progress;
 pub mod qemu;
 pub mod qmp;

@@ -18,17 +18,16 @@
 //!
 //! Mounting needs root (or a `fusermount3` that allows `allow_other`) and `/dev/fuse`.
 
+use crate::process::{ProcessError, Supervised};
 use anyhow::{bail, Context, Result};
 pub use crashmon_slowfs::{Stats, FS_NAME, READY_LINE};
 use log::{debug, info, warn};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -185,10 +184,9 @@ pub fn mount_at(mountpoint: &Path) -> Option<(String, String)> {
 /// A mounted `crashmon-slowfs`. Dropping it unmounts it and reaps the process.
 #[derive(Debug)]
 pub struct SlowFs {
-    child: Child,
+    process: Supervised,
     mountpoint: PathBuf,
     stats: PathBuf,
-    log: PathBuf,
     /// Holds the stats file and log when the options named none.
     _scratch: Option<tempfile::TempDir>,
     stopped: bool,
@@ -248,7 +246,8 @@ impl SlowFs {
             .stderr(log_file)
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut fs = SlowFs { child, mountpoint, stats, log, _scratch: scratch, stopped: false };
+        let process = Supervised::new(child, SLOWFS_BIN, log);
+        let mut fs = SlowFs { process, mountpoint, stats, _scratch: scratch, stopped: false };
         fs.wait_mounted(options.mount_timeout)?;
         Ok(fs)
     }
@@ -257,17 +256,17 @@ impl SlowFs {
         let deadline = Instant::now() + timeout;
         let ready = format!("{READY_LINE} ");
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.process.try_wait()? {
                 self.stopped = true;
                 bail!(
                     "{SLOWFS_BIN} exited ({status}) before mounting {}; last lines of its log {}:\n{}",
                     self.mountpoint.display(),
-                    self.log.display(),
-                    crate::log_tail(&self.log, 20)
+                    self.log_path().display(),
+                    self.process.log_tail()
                 );
             }
             let listed = mount_at(&self.mountpoint).is_some_and(|(_, source)| source == FS_NAME);
-            let serving = std::fs::read_to_string(&self.log)
+            let serving = std::fs::read_to_string(self.log_path())
                 .is_ok_and(|log| log.lines().any(|l| l.starts_with(&ready)));
             if listed && serving {
                 return Ok(());
@@ -276,8 +275,8 @@ impl SlowFs {
                 bail!(
                     "{SLOWFS_BIN} did not mount {} within {timeout:?}; last lines of its log {}:\n{}",
                     self.mountpoint.display(),
-                    self.log.display(),
-                    crate::log_tail(&self.log, 20)
+                    self.log_path().display(),
+                    self.process.log_tail()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -296,12 +295,12 @@ impl SlowFs {
 
     /// The process's log.
     pub fn log_path(&self) -> &Path {
-        &self.log
+        self.process.log_path()
     }
 
     /// The process ID.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// The counters as last published. Every fsync, fsyncdir and write that has returned to
@@ -313,7 +312,7 @@ impl SlowFs {
 
     /// The exit status if the process has exited (by itself, or after SIGTERM).
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        Ok(self.child.try_wait()?)
+        Ok(self.process.try_wait()?)
     }
 
     /// Whether the mount is still listed in /proc/self/mountinfo.
@@ -362,34 +361,17 @@ impl SlowFs {
             }
         }
         // Unmounted, the process exits by itself; give it a moment, then ask, then insist.
-        let pid = Pid::from_raw(self.child.id() as i32);
-        let mut exited = self.wait_exit(Duration::from_secs(3))?;
-        if !exited {
-            let _ = kill(pid, Signal::SIGTERM);
-            exited = self.wait_exit(Duration::from_secs(8))?;
-        }
-        if !exited {
-            problems.push(format!("{SLOWFS_BIN} (pid {pid}) did not exit: killed"));
-            let _ = self.child.kill();
-            self.child.wait()?;
+        if self.process.wait_exit(Duration::from_secs(3))?.is_none() {
+            match self.process.terminate(Duration::from_secs(8)) {
+                Ok(_) => {}
+                Err(e @ ProcessError::StillRunning { .. }) => problems.push(format!("{e}: killed")),
+                Err(e) => return Err(e.into()),
+            }
         }
         if problems.is_empty() {
             Ok(())
         } else {
             bail!("{}", problems.join("; "))
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Result<bool> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.child.try_wait()?.is_some() {
-                return Ok(true);
-            }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -10,9 +10,11 @@ use log::info;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+use crate::process::{ProcessError, Supervised};
 
 /// The options that attach the card (`qemu-config/crashmon-card.args`).
 pub const CARD_ARGS: &str = include_str!("../../qemu-config/crashmon-card.args");
@@ -34,9 +36,9 @@ pub enum VmError {
     /// QEMU exited while the harness still needed it.
     #[error("QEMU exited ({status}); last lines of its log {log}:\n{tail}")]
     Exited { status: ExitStatus, log: PathBuf, tail: String },
-    /// QEMU did not exit in time.
-    #[error("QEMU (pid {pid}) did not exit within {timeout:?}")]
-    StillRunning { pid: u32, timeout: Duration },
+    /// Waiting for QEMU failed, or QEMU did not exit in time.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
     /// Talking to QEMU failed.
     #[error(transparent)]
     Qmp(#[from] QmpError),
@@ -237,11 +239,9 @@ impl VmConfig {
 
 /// A running QEMU. Dropping it kills QEMU if it is still running.
 pub struct Vm {
-    child: Child,
+    process: Supervised,
     qmp_socket: PathBuf,
-    log: PathBuf,
     serial_log: PathBuf,
-    exit: Option<ExitStatus>,
 }
 
 impl Vm {
@@ -264,11 +264,9 @@ impl Vm {
         info!("starting QEMU: {}", crate::command_line(&cmd));
         let child = cmd.spawn().map_err(VmError::Spawn)?;
         Ok(Vm {
-            child,
+            process: Supervised::new(child, "QEMU", qemu_log),
             qmp_socket: config.qmp_socket(),
-            log: qemu_log,
             serial_log: config.serial_log(),
-            exit: None,
         })
     }
 
@@ -296,17 +294,17 @@ impl Vm {
     }
 
     fn exited(&self, status: ExitStatus) -> VmError {
-        VmError::Exited { status, log: self.log.clone(), tail: self.log_tail() }
+        VmError::Exited { status, log: self.log_path().to_owned(), tail: self.log_tail() }
     }
 
     /// The file holding QEMU's own output.
     pub fn log_path(&self) -> &Path {
-        &self.log
+        self.process.log_path()
     }
 
     /// The last lines of QEMU's output.
     pub fn log_tail(&self) -> String {
-        crate::log_tail(&self.log, 20)
+        self.process.log_tail()
     }
 
     /// The file receiving the guest's serial console.
@@ -316,46 +314,22 @@ impl Vm {
 
     /// QEMU's process ID.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// QEMU's exit status if it has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, VmError> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().map_err(|source| VmError::Io {
-                context: format!("cannot check on QEMU (pid {})", self.child.id()),
-                source,
-            })?;
-        }
-        Ok(self.exit)
+        Ok(self.process.try_wait()?)
     }
 
     /// Waits up to `timeout` for QEMU to exit (after `quit`, or a guest shutdown).
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus, VmError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                return Err(VmError::StillRunning { pid: self.pid(), timeout });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Ok(self.process.wait_timeout(timeout)?)
     }
 
-    /// Kills QEMU if it is still running and reaps it.
+    /// Kills QEMU if it is still running and reaps it (dropping a `Vm` does the same).
     pub fn kill(&mut self) {
-        if matches!(self.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            self.exit = self.child.wait().ok();
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.kill();
     }
 }
 
