@@ -17,24 +17,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// GUID of the crashmon driver's secondary data block, as laid out in memory
-/// (`{C4A50D01-6372-4D53-9D6D-6F6E64727631}`).
-pub const DRIVER_GUID: [u8; 16] =
-    guid(0xC4A5_0D01, 0x6372, 0x4D53, *b"\x9D\x6D\x6F\x6E\x64\x72\x76\x31");
-/// GUID of the test guest's report of callbacks that broke the rules
-/// (`{C4A50D02-6775-4573-8000-7265706F7274}`).
-pub const REPORT_GUID: [u8; 16] =
-    guid(0xC4A5_0D02, 0x6775, 0x4573, *b"\x80\x00\x72\x65\x70\x6F\x72\x74");
-
-const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
-    let a = d1.to_le_bytes();
-    let b = d2.to_le_bytes();
-    let c = d3.to_le_bytes();
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
-        d4[6], d4[7],
-    ]
-}
+/// Tag of the crashmon driver's secondary data block, as laid out in memory: the driver's own
+/// constant.
+pub const DRIVER_GUID: [u8; 16] = crashmon_guest_driver::driver::CRASHMON_SECONDARY_GUID.to_bytes();
+/// Tag of the test guest's report of callbacks that broke the rules.
+pub const REPORT_GUID: [u8; 16] = crashmon_dump_writer::GUEST_REPORT_GUID;
 
 /// What crashes the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -293,15 +293,7 @@ pub fn verify(
 
 /// A GUID in its usual text form, from its memory layout (Data1..3 little endian).
 pub fn guid_string(g: &[u8; 16]) -> String {
-    format!(
-        "{{{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{}}}",
-        u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
-        u16::from_le_bytes([g[4], g[5]]),
-        u16::from_le_bytes([g[6], g[7]]),
-        g[8],
-        g[9],
-        g[10..].iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    uuid::Uuid::from_bytes_le(*g).braced().to_string()
 }
 
 #[cfg(test)]
@@ -472,5 +464,13 @@ mod tests {
     fn guid_text() {
         let g = [0x78, 0x56, 0x34, 0x12, 0xbc, 0x9a, 0xf0, 0xde, 1, 2, 3, 4, 5, 6, 7, 8];
         assert_eq!(guid_string(&g), "{12345678-9abc-def0-0102-030405060708}");
+        assert_eq!(
+            guid_string(&crate::scenario::DRIVER_GUID),
+            "{c4a50d01-6372-4d53-9d6d-6f6e64727631}"
+        );
+        assert_eq!(
+            guid_string(&crate::scenario::REPORT_GUID),
+            "{c4a50d02-6775-4573-8000-7265706f7274}"
+        );
     }
 }

@@ -142,6 +142,14 @@ pub const MAX_PFN: u64 = 1 << 40;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
+/// Tag of the test guest's own secondary blob, its report of callbacks that broke the
+/// bug-check rules: `{C4A50D02-6775-4573-8000-7265706F7274}` ("report"), as the 16 bytes of a
+/// `GUID` in memory (`Data1`..`Data3` little endian). The guest writes the blob, the harness
+/// looks for it; both take the tag from here.
+pub const GUEST_REPORT_GUID: [u8; 16] = [
+    0x02, 0x0D, 0xA5, 0xC4, 0x75, 0x67, 0x73, 0x45, 0x80, 0x00, b'r', b'e', b'p', b'o', b'r', b't',
+];
+
 /// A `PHYSICAL_MEMORY_RUN64`: `page_count` pages of physical memory from PFN `base_page`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Run {

@@ -40,14 +40,7 @@ use crate::services::raise_to_high_level_for_good;
 use crate::trap::TrapFrame;
 use crate::{callbacks, cpu, dump, println, violations};
 
-/// Tag of the guest's own secondary blob: the violation report.
-/// {C4A50D02-6775-4573-8000-7265706F7274} ("report").
-pub const GUEST_REPORT_GUID: GUID = GUID {
-    Data1: 0xC4A5_0D02,
-    Data2: 0x6775,
-    Data3: 0x4573,
-    Data4: [0x80, 0x00, b'r', b'e', b'p', b'o', b'r', b't'],
-};
+pub use crashmon_dump_writer::GUEST_REPORT_GUID;
 
 // ---------------------------------------------------------------------------------------------
 // Setup: what the layers above hand down at boot
@@ -469,11 +462,7 @@ unsafe fn add_report_blob() {
             SECONDARY_BUDGET - at,
         );
         let len = violations::write_report(buf);
-        add_blob(Blob {
-            guid: GUEST_REPORT_GUID.to_bytes(),
-            data: (ARENA.get() as *const u8).add(at),
-            len,
-        });
+        add_blob(Blob { guid: GUEST_REPORT_GUID, data: (ARENA.get() as *const u8).add(at), len });
     }
 }
 
