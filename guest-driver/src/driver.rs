@@ -681,6 +681,22 @@ mod tests {
     struct FakeCard {
         inner: Mutex<FakeInner>,
     }
+    impl FakeCard {
+        /// A powered-off card: every register zero, nothing received. Const, so that each test
+        /// can keep its own in a `static` (the driver holds `&'static` cards).
+        const fn new() -> Self {
+            FakeCard {
+                inner: Mutex::new(FakeInner {
+                    regs: [0; 32],
+                    state: 0,
+                    completed: 0,
+                    announces: Vec::new(),
+                    chunks: Vec::new(),
+                    commands: Vec::new(),
+                }),
+            }
+        }
+    }
     #[derive(Default)]
     struct FakeInner {
         regs: [u32; 0x80 / 4],
@@ -850,16 +866,7 @@ mod tests {
 
     #[test]
     fn a_whole_bug_check_through_the_callbacks() {
-        static CARD: FakeCard = FakeCard {
-            inner: Mutex::new(FakeInner {
-                regs: [0; 32],
-                state: 0,
-                completed: 0,
-                announces: Vec::new(),
-                chunks: Vec::new(),
-                commands: Vec::new(),
-            }),
-        };
+        static CARD: FakeCard = FakeCard::new();
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry::default();
         DRIVER.start(&CARD, &reg).unwrap();
@@ -957,16 +964,7 @@ mod tests {
 
     #[test]
     fn a_card_that_lost_its_arm_is_rearmed_at_the_first_dump_io_and_takes_the_dump() {
-        static CARD: FakeCard = FakeCard {
-            inner: Mutex::new(FakeInner {
-                regs: [0; 32],
-                state: 0,
-                completed: 0,
-                announces: Vec::new(),
-                chunks: Vec::new(),
-                commands: Vec::new(),
-            }),
-        };
+        static CARD: FakeCard = FakeCard::new();
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry::default();
         DRIVER.start(&CARD, &reg).unwrap();
@@ -1049,16 +1047,7 @@ mod tests {
 
     #[test]
     fn out_of_order_dump_is_not_announced_with_guessed_parameters_and_unfinished_is_aborted() {
-        static CARD: FakeCard = FakeCard {
-            inner: Mutex::new(FakeInner {
-                regs: [0; 32],
-                state: 0,
-                completed: 0,
-                announces: Vec::new(),
-                chunks: Vec::new(),
-                commands: Vec::new(),
-            }),
-        };
+        static CARD: FakeCard = FakeCard::new();
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry::default();
         DRIVER.start(&CARD, &reg).unwrap();
@@ -1095,16 +1084,7 @@ mod tests {
 
     #[test]
     fn refused_registration_leaves_nothing_registered() {
-        static CARD: FakeCard = FakeCard {
-            inner: Mutex::new(FakeInner {
-                regs: [0; 32],
-                state: 0,
-                completed: 0,
-                announces: Vec::new(),
-                chunks: Vec::new(),
-                commands: Vec::new(),
-            }),
-        };
+        static CARD: FakeCard = FakeCard::new();
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry { refuse_legacy: true, ..Default::default() };
         assert_eq!(DRIVER.start(&CARD, &reg), Err(StartError::RegistrationFailed));
@@ -1118,16 +1098,7 @@ mod tests {
 
     #[test]
     fn secondary_data_respects_maximum_and_small_in_buffers() {
-        static CARD: FakeCard = FakeCard {
-            inner: Mutex::new(FakeInner {
-                regs: [0; 32],
-                state: 0,
-                completed: 0,
-                announces: Vec::new(),
-                chunks: Vec::new(),
-                commands: Vec::new(),
-            }),
-        };
+        static CARD: FakeCard = FakeCard::new();
         static DRIVER: CrashmonDriver<&'static FakeCard> = CrashmonDriver::new();
         let reg = FakeRegistry::default();
         DRIVER.start(&CARD, &reg).unwrap();
