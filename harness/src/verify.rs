@@ -136,7 +136,8 @@ fn map(path: &Path) -> Result<Mmap, VerifyError> {
 }
 
 /// Checks `dump` against `expected` and, when given, `ram_image` (QEMU's `pmemsave` of guest
-/// physical memory from address 0).
+/// physical memory from address 0). The checks run in this order and the first that fails is
+/// the error; each one that passes adds its line to [`Verified::checks`].
 pub fn verify(
     dump: &Path,
     ram_image: Option<&Path>,
@@ -149,6 +150,28 @@ pub fn verify(
     let mut v = Verified { dump_bytes: bytes.len() as u64, ..Default::default() };
     v.checks.push("kdmp-parser opens the dump".into());
 
+    check_header(&parser, bytes.len(), expected, &mut v)?;
+    let present = check_pages(&parser, &bytes, ram.as_deref(), expected, &mut v)?;
+    if let Some(w) = &expected.workload {
+        check_workload(w, &present, expected.dump_type, &mut v)?;
+    }
+    if let Some((va, value)) = expected.variable {
+        check_variable(&parser, va, value, &mut v)?;
+    }
+    if let Some((guid, contents)) = &expected.secondary {
+        check_secondary(&bytes, guid, contents.as_deref(), &mut v)?;
+    }
+    Ok(v)
+}
+
+/// The header: dump type, bug-check code and parameters, and `RequiredDumpSpace` against the
+/// file's length.
+fn check_header(
+    parser: &KernelDumpParser,
+    file_len: usize,
+    expected: &Expected,
+    v: &mut Verified,
+) -> Result<(), VerifyError> {
     let headers = parser.headers();
     if parser.dump_type() != expected.dump_type {
         return Err(mismatch(format!(
@@ -173,14 +196,24 @@ pub fn verify(
         }
     }
     v.checks.push(format!("bug check {:#010x} and its parameters", expected.bugcheck_code));
-    if headers.required_dump_space != bytes.len() as i64 {
+    if headers.required_dump_space != file_len as i64 {
         return Err(mismatch(format!(
-            "RequiredDumpSpace {} but the file has {} bytes",
+            "RequiredDumpSpace {} but the file has {file_len} bytes",
             headers.required_dump_space,
-            bytes.len()
         )));
     }
+    Ok(())
+}
 
+/// Every physical page kdmp-parser finds: inside the file, a workload page holding its known
+/// content, and equal to QEMU's memory unless declared modified. Returns the PFNs present.
+fn check_pages(
+    parser: &KernelDumpParser,
+    bytes: &[u8],
+    ram: Option<&[u8]>,
+    expected: &Expected,
+    v: &mut Verified,
+) -> Result<BTreeSet<u64>, VerifyError> {
     let mut present = BTreeSet::new();
     for (gpa, offset) in parser.physmem() {
         let gpa = u64::from(gpa);
@@ -201,7 +234,7 @@ pub fn verify(
                 v.workload_pages += 1;
             }
         }
-        let Some(ram) = &ram else { continue };
+        let Some(ram) = ram else { continue };
         let in_ram = usize::try_from(gpa)
             .ok()
             .and_then(|a| ram.get(a..a.checked_add(PAGE)?))
@@ -228,67 +261,85 @@ pub fn verify(
             v.pages_equal, v.pages_declared_modified
         ));
     }
-    if let Some(w) = &expected.workload {
-        if v.workload_pages == 0 {
-            return Err(mismatch("no workload page in the dump".into()));
-        }
-        v.checks.push(format!("{} workload pages hold their known content", v.workload_pages));
-        if expected.dump_type == DumpType::Bmp {
-            if let Some(pfn) = present.iter().find(|&&pfn| w.is_free(pfn)) {
-                return Err(mismatch(format!("free page {pfn:#x} is in the bitmap dump")));
-            }
-            if !present.contains(&w.var_pfn) {
-                return Err(mismatch(format!(
-                    "the page {:#x} added by AddPages is missing from the bitmap dump",
-                    w.var_pfn
-                )));
-            }
-            let used = (w.start / PAGE as u64..w.end / PAGE as u64).filter(|&p| !w.is_free(p));
-            if let Some(pfn) = used.clone().find(|p| !present.contains(p)) {
-                return Err(mismatch(format!(
-                    "page in use {pfn:#x} is missing from the bitmap dump"
-                )));
-            }
-            v.checks.push("bitmap holds exactly the pages in use plus the AddPages page".into());
-        }
-    }
+    Ok(present)
+}
 
-    if let Some((va, value)) = expected.variable {
-        let reader =
-            kdmp_parser::virt::Reader::with_dtb(&parser, Gpa::new(headers.directory_table_base));
-        let mut buf = [0u8; 8];
-        reader.read_exact(Gva::new(va), &mut buf).map_err(|e| {
-            mismatch(format!("virtual read of {va:#x} through the DTB failed: {e}"))
-        })?;
-        if u64::from_le_bytes(buf) != value {
+/// The workload: some of its pages were checked, and a bitmap dump holds exactly the pages in
+/// use plus the page AddPages added.
+fn check_workload(
+    w: &Workload,
+    present: &BTreeSet<u64>,
+    dump_type: DumpType,
+    v: &mut Verified,
+) -> Result<(), VerifyError> {
+    if v.workload_pages == 0 {
+        return Err(mismatch("no workload page in the dump".into()));
+    }
+    v.checks.push(format!("{} workload pages hold their known content", v.workload_pages));
+    if dump_type != DumpType::Bmp {
+        return Ok(());
+    }
+    if let Some(pfn) = present.iter().find(|&&pfn| w.is_free(pfn)) {
+        return Err(mismatch(format!("free page {pfn:#x} is in the bitmap dump")));
+    }
+    if !present.contains(&w.var_pfn) {
+        return Err(mismatch(format!(
+            "the page {:#x} added by AddPages is missing from the bitmap dump",
+            w.var_pfn
+        )));
+    }
+    let used = (w.start / PAGE as u64..w.end / PAGE as u64).filter(|&p| !w.is_free(p));
+    if let Some(pfn) = used.clone().find(|p| !present.contains(p)) {
+        return Err(mismatch(format!("page in use {pfn:#x} is missing from the bitmap dump")));
+    }
+    v.checks.push("bitmap holds exactly the pages in use plus the AddPages page".into());
+    Ok(())
+}
+
+/// A guest variable read through the dump's own page tables (DirectoryTableBase).
+fn check_variable(
+    parser: &KernelDumpParser,
+    va: u64,
+    value: u64,
+    v: &mut Verified,
+) -> Result<(), VerifyError> {
+    let dtb = parser.headers().directory_table_base;
+    let reader = kdmp_parser::virt::Reader::with_dtb(parser, Gpa::new(dtb));
+    let mut buf = [0u8; 8];
+    reader
+        .read_exact(Gva::new(va), &mut buf)
+        .map_err(|e| mismatch(format!("virtual read of {va:#x} through the DTB failed: {e}")))?;
+    if u64::from_le_bytes(buf) != value {
+        return Err(mismatch(format!(
+            "guest variable at {va:#x} reads {:#x} through the DTB, expected {value:#x}",
+            u64::from_le_bytes(buf)
+        )));
+    }
+    v.checks.push(format!("variable at {va:#x} = {value:#x} through DirectoryTableBase {dtb:#x}"));
+    Ok(())
+}
+
+/// A secondary data block found by its GUID and, when the test knows them, its bytes.
+fn check_secondary(
+    bytes: &[u8],
+    guid: &[u8; 16],
+    contents: Option<&[u8]>,
+    v: &mut Verified,
+) -> Result<(), VerifyError> {
+    let blob = crashmon_dump_writer::find_secondary_blob(bytes, guid)
+        .ok_or_else(|| mismatch(format!("no secondary data block tagged {}", guid_string(guid))))?;
+    if let Some(want) = contents {
+        if blob != want {
             return Err(mismatch(format!(
-                "guest variable at {va:#x} reads {:#x} through the DTB, expected {value:#x}",
-                u64::from_le_bytes(buf)
+                "secondary block {} holds {} bytes that differ from the expected {}",
+                guid_string(guid),
+                blob.len(),
+                want.len()
             )));
         }
-        v.checks.push(format!(
-            "variable at {va:#x} = {value:#x} through DirectoryTableBase {:#x}",
-            headers.directory_table_base
-        ));
     }
-
-    if let Some((guid, contents)) = &expected.secondary {
-        let blob = crashmon_dump_writer::find_secondary_blob(&bytes, guid).ok_or_else(|| {
-            mismatch(format!("no secondary data block tagged {}", guid_string(guid)))
-        })?;
-        if let Some(want) = contents {
-            if blob != want.as_slice() {
-                return Err(mismatch(format!(
-                    "secondary block {} holds {} bytes that differ from the expected {}",
-                    guid_string(guid),
-                    blob.len(),
-                    want.len()
-                )));
-            }
-        }
-        v.checks.push(format!("secondary data block {} ({} bytes)", guid_string(guid), blob.len()));
-    }
-    Ok(v)
+    v.checks.push(format!("secondary data block {} ({} bytes)", guid_string(guid), blob.len()));
+    Ok(())
 }
 
 /// A GUID in its usual text form, from its memory layout (Data1..3 little endian).
