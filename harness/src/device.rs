@@ -2,14 +2,15 @@
 //! finding (or building) its binary, starting it and waiting until its socket is there,
 //! stopping it.
 
-use log::{debug, info};
+use log::info;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
+use crate::binary::BinaryError;
 use crate::process::{ProcessError, Supervised};
 
 /// Environment variable naming the `crashmon-device` binary to use.
@@ -20,12 +21,9 @@ pub const DEVICE_BIN: &str = "crashmon-device";
 /// What went wrong with the device-model process.
 #[derive(Debug, Error)]
 pub enum DeviceError {
-    /// `$CRASHMON_DEVICE` names something that is not there.
-    #[error("{DEVICE_ENV}={0} does not exist")]
-    EnvMissing(PathBuf),
-    /// Building it with cargo failed.
-    #[error("cannot build the device model (`cargo build --release --workspace --bin {DEVICE_BIN}`): {0}")]
-    Build(String),
+    /// `$CRASHMON_DEVICE` names something that is not there, or building it failed.
+    #[error(transparent)]
+    Binary(#[from] BinaryError),
     /// The process could not be started.
     #[error("cannot start {binary}")]
     Spawn { binary: PathBuf, source: io::Error },
@@ -43,68 +41,10 @@ pub enum DeviceError {
     Io { context: String, source: io::Error },
 }
 
-/// The `crashmon-device` binary to run: `$CRASHMON_DEVICE`; else, when running under cargo
-/// (`cargo test`, `cargo run`), a release build made now so that it is never stale (a quick
-/// no-op when it is up to date); else the one built next to the running executable
-/// (`target/<profile>/`, also seen from `target/<profile>/deps/`); else a fresh release build.
+/// The `crashmon-device` binary to run: `$CRASHMON_DEVICE`, else as [`crate::binary`] finds
+/// this workspace's binaries.
 pub fn locate_binary() -> Result<PathBuf, DeviceError> {
-    if let Some(path) = std::env::var_os(DEVICE_ENV).filter(|v| !v.is_empty()) {
-        let path = PathBuf::from(path);
-        return if path.is_file() { Ok(path) } else { Err(DeviceError::EnvMissing(path)) };
-    }
-    if std::env::var_os("CARGO").is_some() {
-        info!("running under cargo: making sure {DEVICE_BIN} is built and up to date");
-        return build_release();
-    }
-    if let Some(path) = sibling_binary() {
-        debug!("using the device model next to this executable: {}", path.display());
-        return Ok(path);
-    }
-    info!("no {DEVICE_BIN} binary next to this executable: building it");
-    build_release()
-}
-
-fn sibling_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    [dir.join(DEVICE_BIN), dir.parent()?.join(DEVICE_BIN)].into_iter().find(|p| p.is_file())
-}
-
-/// Builds the device model in release and returns the path of the binary cargo reports.
-///
-/// It runs `cargo build --release --workspace --bin crashmon-device`: the binary of
-/// `crashmon-device-model`, with dependency features unified across the workspace as in
-/// `cargo build --workspace` and `cargo test --workspace`. (`-p crashmon-device-model` would
-/// resolve features for that package alone and put a second variant of the binary in place.)
-pub fn build_release() -> Result<PathBuf, DeviceError> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = Command::new(&cargo)
-        .args(["build", "--release", "--message-format=json-render-diagnostics"])
-        .args(["--workspace", "--bin", DEVICE_BIN])
-        .current_dir(crate::workspace_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            DeviceError::Build(format!("cannot run {}: {e}", Path::new(&cargo).display()))
-        })?;
-    let mut executable = None;
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        let line = line.map_err(|e| DeviceError::Build(format!("reading cargo's output: {e}")))?;
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if message["reason"] == "compiler-artifact" && message["target"]["name"] == DEVICE_BIN {
-            if let Some(path) = message["executable"].as_str() {
-                executable = Some(PathBuf::from(path));
-            }
-        }
-    }
-    let status = child.wait().map_err(|e| DeviceError::Build(e.to_string()))?;
-    if !status.success() {
-        return Err(DeviceError::Build(format!("cargo exited with {status}")));
-    }
-    executable.ok_or_else(|| DeviceError::Build("cargo reported no executable".into()))
+    Ok(crate::binary::locate(DEVICE_BIN, DEVICE_ENV)?)
 }
 
 /// How to run one device model.

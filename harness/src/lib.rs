@@ -15,6 +15,7 @@
 //! the integration tests use them directly.
 
 pub mod bench;
+pub mod binary;
 pub mod device;
 pub mod guest;
 pub mod pci;
@@ -57,13 +58,18 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Quotes `arg` for a POSIX shell if it needs it.
+/// Quotes `arg` for a POSIX shell if it needs it. Words made only of characters a shell takes
+/// literally stay bare, so that QEMU's `key=value,...` options read as users write them (shlex
+/// alone quotes every `,` and `=`); anything else is quoted by shlex. No shell word holds a NUL
+/// (nor does any argument of a process): one that does is shown Rust-escaped instead.
 pub fn shell_quote(arg: &str) -> String {
-    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c);
-    if !arg.is_empty() && arg.chars().all(safe) {
-        arg.to_owned()
-    } else {
-        format!("'{}'", arg.replace('\'', r"'\''"))
+    let literal = |c: char| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c);
+    if !arg.is_empty() && arg.chars().all(literal) {
+        return arg.to_owned();
+    }
+    match shlex::try_quote(arg) {
+        Ok(quoted) => quoted.into_owned(),
+        Err(_) => format!("{arg:?}"),
     }
 }
 
@@ -85,10 +91,18 @@ mod tests {
     #[test]
     fn shell_quoting() {
         assert_eq!(shell_quote("plain/path-1.sock"), "plain/path-1.sock");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
-        assert_eq!(shell_quote(""), "''");
+        let option = "vfio-user-pci,socket=/run/crashmon/vm1.sock,x-msg-timeout=5000";
+        assert_eq!(shell_quote(option), option);
+        assert_eq!(shlex::split(option), Some(vec![option.to_owned()]));
+        // Whatever the quoting, a shell reads back the very word.
+        for word in ["it's", "", "two words", "{\"k\":1}", "$HOME", "a\\b", "tab\there"] {
+            let quoted = shell_quote(word);
+            assert_eq!(shlex::split(&quoted), Some(vec![word.to_owned()]), "{word:?} as {quoted}");
+            assert_ne!(quoted, word, "{word:?} needs quoting");
+        }
         let mut cmd = Command::new("/bin/q");
         cmd.env("A", "1 2").args(["-x", "{\"k\":1}"]);
-        assert_eq!(command_line(&cmd), r#"A='1 2' /bin/q -x '{"k":1}'"#);
+        let line = command_line(&cmd);
+        assert_eq!(shlex::split(&line).unwrap(), ["A=1 2", "/bin/q", "-x", "{\"k\":1}"], "{line}");
     }
 }

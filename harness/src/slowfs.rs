@@ -21,14 +21,12 @@
 use crate::process::{ProcessError, Supervised};
 use anyhow::{bail, Context, Result};
 pub use crashmon_slowfs::{Stats, FS_NAME, READY_LINE};
-use log::{debug, info, warn};
+use log::{info, warn};
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Environment variable naming the `crashmon-slowfs` binary to use.
@@ -80,65 +78,10 @@ impl Default for SlowFsOptions {
     }
 }
 
-/// The `crashmon-slowfs` binary to run: `$CRASHMON_SLOWFS`; else, when running under cargo, a
-/// release build made now (once per process) so that it is never stale; else the one next to
-/// the running executable (`target/<profile>/`, also seen from `target/<profile>/deps/`); else a
-/// fresh release build. The same rules as [`crate::device::locate_binary`].
+/// The `crashmon-slowfs` binary to run: `$CRASHMON_SLOWFS`, else as [`crate::binary`] finds
+/// this workspace's binaries.
 pub fn locate_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(SLOWFS_ENV).filter(|v| !v.is_empty()) {
-        let path = PathBuf::from(path);
-        if !path.is_file() {
-            bail!("{SLOWFS_ENV}={} does not exist", path.display());
-        }
-        return Ok(path);
-    }
-    if std::env::var_os("CARGO").is_none() {
-        if let Some(path) = sibling_binary() {
-            debug!("using the {SLOWFS_BIN} next to this executable: {}", path.display());
-            return Ok(path);
-        }
-    }
-    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| build_release().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow::anyhow!(e))
-}
-
-fn sibling_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    [dir.join(SLOWFS_BIN), dir.parent()?.join(SLOWFS_BIN)].into_iter().find(|p| p.is_file())
-}
-
-/// `cargo build --release --workspace --bin crashmon-slowfs`, returning the binary cargo
-/// reports (`--workspace` so that dependency features are unified as in a workspace build).
-fn build_release() -> Result<PathBuf> {
-    info!("building {SLOWFS_BIN} (release)");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = Command::new(&cargo)
-        .args(["build", "--release", "--message-format=json-render-diagnostics"])
-        .args(["--workspace", "--bin", SLOWFS_BIN])
-        .current_dir(crate::workspace_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {}", Path::new(&cargo).display()))?;
-    let mut executable = None;
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        let line = line.context("reading cargo's output")?;
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-        if message["reason"] == "compiler-artifact" && message["target"]["name"] == SLOWFS_BIN {
-            if let Some(path) = message["executable"].as_str() {
-                executable = Some(PathBuf::from(path));
-            }
-        }
-    }
-    let status = child.wait().context("waiting for cargo")?;
-    if !status.success() {
-        bail!("cannot build {SLOWFS_BIN}: cargo exited with {status}");
-    }
-    executable.with_context(|| format!("cargo reported no {SLOWFS_BIN} executable"))
+    Ok(crate::binary::locate(SLOWFS_BIN, SLOWFS_ENV)?)
 }
 
 /// Undoes the octal escapes (`\040` for a space...) of a /proc/self/mountinfo field.

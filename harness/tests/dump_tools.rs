@@ -6,40 +6,16 @@
 use anyhow::{bail, ensure, Context, Result};
 use crashmon_harness::scenario::{self, Rig, Scenario, DRIVER_GUID};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 /// The driver's block as `extract --tag` takes it.
 const DRIVER_TAG: &str = "{C4A50D01-6372-4D53-9D6D-6F6E64727631}";
 const TOOL_BIN: &str = "crashmon-dump";
 
-/// `$CRASHMON_DUMP`, else a release build of `crashmon-dump` made now (a quick no-op when it is
-/// up to date), found as `crashmon_harness::device` finds the device model: the executable
-/// cargo reports, in `target/release`.
+/// `$CRASHMON_DUMP`, else as the harness finds this workspace's binaries.
 fn tool_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("CRASHMON_DUMP").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = Command::new(cargo)
-        .args(["build", "--release", "--message-format=json-render-diagnostics"])
-        .args(["--workspace", "--bin", TOOL_BIN])
-        .current_dir(crashmon_harness::workspace_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running cargo")?;
-    let mut executable = None;
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        let Ok(message) = serde_json::from_str::<Value>(&line?) else { continue };
-        if message["reason"] == "compiler-artifact" && message["target"]["name"] == TOOL_BIN {
-            executable = message["executable"].as_str().map(PathBuf::from);
-        }
-    }
-    let status = child.wait()?;
-    ensure!(status.success(), "cargo build --bin {TOOL_BIN}: {status}");
-    executable.context("cargo reported no crashmon-dump executable")
+    Ok(crashmon_harness::binary::locate(TOOL_BIN, "CRASHMON_DUMP")?)
 }
 
 fn run(tool: &Path, args: &[&str]) -> Result<Output> {
