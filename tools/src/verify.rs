@@ -74,7 +74,7 @@ pub fn verify(located: &Located) -> Result<Vec<Check>, ToolError> {
     };
 
     if let Some(sc) = sidecar {
-        let actual: String = Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect();
+        let actual = hex::encode(Sha256::digest(data));
         checks.push(match sc.sha256.as_deref() {
             Some(want) if want.eq_ignore_ascii_case(&actual) => {
                 Check::new("sha256", true, format!("{actual} as the sidecar records"))

@@ -382,7 +382,7 @@ impl Session {
         let dump_path = self.dir.join(&self.sidecar.dump_file);
         let (sha, source) = match self.running_hash.take() {
             Some((hash, upto)) if upto == self.sidecar.size => {
-                (hex(&hash.finalize()), HashSource::Streamed)
+                (hex::encode(hash.finalize()), HashSource::Streamed)
             }
             _ => (hash_file(&self.file)?, HashSource::ReadBack),
         };
@@ -506,11 +506,7 @@ fn hash_file(file: &File) -> io::Result<String> {
             at += n as u64;
         }
     }
-    Ok(hex(&hash.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(hex::encode(hash.finalize()))
 }
 
 /// Closes partial dumps that a device model which died mid-capture left in `dir`: each one whose
@@ -620,7 +616,7 @@ mod tests {
     }
 
     fn sha(data: &[u8]) -> String {
-        hex(&Sha256::digest(data))
+        hex::encode(Sha256::digest(data))
     }
 
     fn read_sidecar(f: &Finished) -> Sidecar {
