@@ -254,13 +254,19 @@ fn run(
         }
     };
     // The writer's own copy of a slot: the guest cannot change bytes between the file write and
-    // the hash, and the slot is free again as soon as the bytes are in the file.
-    let mut buffer = vec![0u8; SLOT_SIZE as usize];
+    // the hash, and the slot is free again as soon as the bytes are in the file. It grows to the
+    // longest chunk seen (at most a slot), so a session of small chunks does not zero a whole
+    // slot's worth first.
+    let mut buffer = Vec::new();
     let mut last_progress = Instant::now();
     let closing = loop {
         match queue.recv() {
             Ok(Job::Write(job)) => {
-                let data = &mut buffer[..(job.len as usize).min(SLOT_SIZE as usize)];
+                let len = (job.len as usize).min(SLOT_SIZE as usize);
+                if buffer.len() < len {
+                    buffer.resize(len, 0);
+                }
+                let data = &mut buffer[..len];
                 let copied = window.copy_out(job.slot, data).is_some();
                 if let (Some(s), Some(room), None) = (&session, &mut room, &stopped) {
                     let new_size = s.size().max(job.start.saturating_add(data.len() as u64));
