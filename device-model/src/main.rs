@@ -155,33 +155,10 @@ fn main() {
         events::run_hook_runner(stdin, std::time::Duration::from_secs(timeout));
         return;
     }
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) => {
-            eprintln!("crashmon-device: {} (see --help)", one_line(&e.to_string()));
-            std::process::exit(2);
-        }
-    };
+    let cli: Cli = crashmon_cli::parse("crashmon-device");
     if let Err(e) = run(cli) {
-        eprintln!("crashmon-device: {e:#}");
-        std::process::exit(1);
+        crashmon_cli::fail("crashmon-device", e, 1);
     }
-}
-
-/// Folds clap's multi-line message into one line, dropping its usage block, its tips and its
-/// own pointer to --help (the caller adds one), and the "error:" prefix.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .take_while(|l| !l.starts_with("Usage:"))
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with("tip:") && !l.starts_with("For more information")
-        })
-        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Creates the output folder if it is missing (0700, or 0750 when a group may read the dumps)

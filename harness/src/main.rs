@@ -87,14 +87,7 @@ enum Cmd {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) => {
-            eprintln!("crashmon-harness: {} (see --help)", one_line(&e.to_string()));
-            std::process::exit(2);
-        }
-    };
+    let cli: Cli = crashmon_cli::parse("crashmon-harness");
     let result = match cli.command {
         Cmd::ProvisionQemu => provision_qemu(),
         Cmd::Demo { out, memory_mb, vm_name, trigger, bitmap, out_of_order } => {
@@ -114,24 +107,8 @@ fn main() {
         Cmd::Bench { memory_mb, repeat, table } => bench(&memory_mb, repeat as usize, &table),
     };
     if let Err(e) = result {
-        eprintln!("crashmon-harness: {e:#}");
-        std::process::exit(1);
+        crashmon_cli::fail("crashmon-harness", e, 1);
     }
-}
-
-/// Folds clap's multi-line message into one line, dropping its usage block, its tips and its
-/// own pointer to --help (the caller adds one), and the "error:" prefix.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .take_while(|l| !l.starts_with("Usage:"))
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with("tip:") && !l.starts_with("For more information")
-        })
-        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn provision_qemu() -> Result<()> {

@@ -56,33 +56,14 @@ enum Command {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) => {
-            eprintln!("crashmon-dump: {} (see --help)", one_line(&e.to_string()));
-            std::process::exit(2);
-        }
-    };
+    let cli: Cli = crashmon_cli::parse("crashmon-dump");
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("crashmon-dump: {e:#}");
             let usage = e.downcast_ref::<ToolError>().is_some_and(ToolError::is_usage);
-            std::process::exit(if usage { 2 } else { 1 });
+            crashmon_cli::fail("crashmon-dump", e, if usage { 2 } else { 1 });
         }
     }
-}
-
-/// Folds clap's multi-line message into one line, dropping its usage block.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .take_while(|l| !l.starts_with("Usage:"))
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Runs a command; the exit status on success.

@@ -57,29 +57,10 @@ struct Cli {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) => {
-            eprintln!("crashmon-slowfs: {} (see --help)", one_line(&e.to_string()));
-            std::process::exit(2);
-        }
-    };
+    let cli: Cli = crashmon_cli::parse("crashmon-slowfs");
     if let Err(e) = run(cli) {
-        eprintln!("crashmon-slowfs: {e:#}");
-        std::process::exit(1);
+        crashmon_cli::fail("crashmon-slowfs", e, 1);
     }
-}
-
-/// Folds clap's multi-line message into one line, dropping its usage block and `--help` tip.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// A directory that must exist, made absolute.
