@@ -350,7 +350,7 @@ impl Running {
                     && !self.earlier_sessions.contains(&sidecar.session_id.to_string())
             })
             .collect();
-        found.sort_by(|a, b| a.1.started_at.cmp(&b.1.started_at));
+        found.sort_by_key(|a| a.1.started_at);
         found
     }
 
@@ -591,16 +591,10 @@ pub fn check(
             && bc.parameters == bugcheck.1.map(|p| format!("{p:#018x}")),
         "sidecar bug check {bc:?} != {bugcheck:x?}"
     );
-    let seconds = seconds_between(&sidecar.started_at, sidecar.ended_at.as_deref().unwrap_or(""));
+    let seconds = sidecar
+        .ended_at
+        .map_or(f64::NAN, |end| (end - sidecar.started_at).num_milliseconds() as f64 / 1000.0);
     Ok(CheckedDump { path: path.to_owned(), sidecar, verified, bugcheck, violations, seconds })
-}
-
-fn seconds_between(start: &str, end: &str) -> f64 {
-    let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
-    match (parse(start), parse(end)) {
-        (Some(s), Some(e)) => (e - s).num_milliseconds() as f64 / 1000.0,
-        _ => f64::NAN,
-    }
 }
 
 impl CheckedDump {

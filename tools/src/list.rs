@@ -3,7 +3,7 @@
 use crate::dump::{self, is_dump_name};
 use crate::{bugcheck, ToolError};
 use chrono::{DateTime, Utc};
-use crashmon_device_model::capture::{DumpState, SIDECAR_SUFFIX};
+use crashmon_device_model::capture::{sidecar_time, DumpState, SIDECAR_SUFFIX};
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -116,7 +116,7 @@ pub fn scan(dir: &Path) -> Result<(Vec<Entry>, Vec<String>), ToolError> {
         let code = sc.bugcheck.as_ref().and_then(|b| bugcheck::parse_code(&b.code));
         entries.push(Entry {
             vm: sc.vm_name.clone(),
-            time: sc.started_at.clone(),
+            time: sidecar_time::text(&sc.started_at),
             bugcheck: code.map(bugcheck::code_text),
             bugcheck_name: code.and_then(bugcheck::name).map(str::to_owned),
             size: size.unwrap_or(sc.size),
@@ -125,7 +125,7 @@ pub fn scan(dir: &Path) -> Result<(Vec<Entry>, Vec<String>), ToolError> {
             sidecar: name.clone(),
             session_id: sc.session_id.to_string(),
             present: size.is_some(),
-            sort_time: DateTime::parse_from_rfc3339(&sc.started_at).ok().map(|t| t.to_utc()),
+            sort_time: Some(sc.started_at),
         });
     }
     for name in names.iter().filter(|n| !claimed.contains(*n)) {

@@ -195,8 +195,11 @@ fn render_inspection(i: &Inspection) -> String {
             }
             s += &format!(
                 "  time                 {} .. {}\n",
-                sc.started_at,
-                sc.ended_at.as_deref().unwrap_or("(still streaming)")
+                crashmon_device_model::capture::sidecar_time::text(&sc.started_at),
+                sc.ended_at.as_ref().map_or(
+                    "(still streaming)".into(),
+                    crashmon_device_model::capture::sidecar_time::text
+                )
             );
             s += &format!(
                 "  size                 {} bytes, {} received in {} chunks ({:?})\n",

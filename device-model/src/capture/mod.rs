@@ -17,8 +17,8 @@ pub mod writer;
 
 pub use coverage::Coverage;
 pub use sidecar::{
-    BugCheckInfo, BugCheckSource, BytesByType, DumpState, HashSource, Sidecar, WriteOrder,
-    SIDECAR_FORMAT,
+    time as sidecar_time, BugCheckInfo, BugCheckSource, BytesByType, DumpState, HashSource,
+    Sidecar, WriteOrder, SIDECAR_FORMAT,
 };
 
 use chrono::{DateTime, Utc};
@@ -236,7 +236,7 @@ impl Session {
             state: DumpState::Streaming,
             incomplete_reason: None,
             bugcheck,
-            started_at: name.started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            started_at: sidecar::time::at_millis(name.started),
             ended_at: None,
             size: 0,
             bytes_received: 0,
@@ -395,8 +395,7 @@ impl Session {
         self.sidecar.rejected_chunks = closing.rejected_chunks;
         self.sidecar.first_error = closing.first_error.clone();
         self.sidecar.longest_answer_us = longest_answer_us;
-        self.sidecar.ended_at =
-            Some(Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        self.sidecar.ended_at = Some(sidecar::time::now());
         self.sidecar.missing_bytes = self.coverage.covered().map(|c| self.sidecar.size - c);
         self.sidecar.missing_ranges =
             self.coverage.holes(self.sidecar.size, MAX_LISTED_HOLES).unwrap_or_default();

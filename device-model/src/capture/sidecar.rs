@@ -1,5 +1,6 @@
 //! The JSON sidecar written beside every dump: what the host knows about one crash.
 
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -116,10 +117,12 @@ pub struct Sidecar {
     pub incomplete_reason: Option<String>,
     /// The bug check, when announced or read from the header.
     pub bugcheck: Option<BugCheckInfo>,
-    /// RFC 3339, when the session opened.
-    pub started_at: String,
-    /// RFC 3339, when it closed.
-    pub ended_at: Option<String>,
+    /// When the session opened (RFC 3339, UTC, milliseconds: see [`time`]).
+    #[serde(with = "time")]
+    pub started_at: DateTime<Utc>,
+    /// When it closed.
+    #[serde(with = "time::optional")]
+    pub ended_at: Option<DateTime<Utc>>,
     /// The file's size: the end of the furthest chunk.
     pub size: u64,
     /// Payload bytes accepted (overlapping chunks count each time).
@@ -154,4 +157,99 @@ pub struct Sidecar {
     /// message from the session's start until its file was durable.
     #[serde(default)]
     pub longest_answer_us: Option<u64>,
+}
+
+/// Sidecar times: written as RFC 3339 in UTC with milliseconds (`2026-11-23T10:12:13.456Z`), the
+/// form sidecars have always had; read back from any RFC 3339 time. A time kept in a sidecar is
+/// cut to milliseconds first ([`time::at_millis`]), so that a sidecar read back from disk equals
+/// the one in memory.
+pub mod time {
+    use super::*;
+    use serde::{de::Error as _, Deserializer, Serializer};
+
+    /// `t` cut to whole milliseconds, as a sidecar stores it.
+    pub fn at_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+        t.trunc_subsecs(3)
+    }
+
+    /// Now, cut to whole milliseconds.
+    pub fn now() -> DateTime<Utc> {
+        at_millis(Utc::now())
+    }
+
+    /// `t` as a sidecar writes it.
+    pub fn text(t: &DateTime<Utc>) -> String {
+        t.to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+
+    /// Serde: a time as [`text`].
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&text(t))
+    }
+
+    /// Serde: any RFC 3339 time, in UTC.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s).map(|t| t.to_utc()).map_err(D::Error::custom)
+    }
+
+    /// The same for an optional time (`null` when absent).
+    pub mod optional {
+        use super::*;
+
+        /// Serde: `null` or [`text`].
+        pub fn serialize<S: Serializer>(
+            t: &Option<DateTime<Utc>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => super::serialize(t, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Serde: `null` or any RFC 3339 time.
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|s| DateTime::parse_from_rfc3339(&s).map(|t| t.to_utc()))
+                .transpose()
+                .map_err(D::Error::custom)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::time;
+    use chrono::{DateTime, TimeZone, Utc};
+
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Times {
+        #[serde(with = "time")]
+        at: DateTime<Utc>,
+        #[serde(with = "time::optional")]
+        until: Option<DateTime<Utc>>,
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc_with_milliseconds_and_read_back_equal() {
+        let at = time::at_millis(Utc.timestamp_nanos(1_795_000_000_123_456_789));
+        let t = Times { at, until: None };
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, r#"{"at":"2026-11-18T11:06:40.123Z","until":null}"#);
+        assert_eq!(serde_json::from_str::<Times>(&json).unwrap(), t);
+        // Any RFC 3339 time is read, in UTC; anything else is refused.
+        let other: Times = serde_json::from_str(
+            r#"{"at":"2026-11-18T10:46:40.5+01:00","until":"2026-11-18T09:46:41Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(time::text(&other.at), "2026-11-18T09:46:40.500Z");
+        assert_eq!(
+            other.until.map(|u| time::text(&u)).as_deref(),
+            Some("2026-11-18T09:46:41.000Z")
+        );
+        assert!(serde_json::from_str::<Times>(r#"{"at":"yesterday","until":null}"#).is_err());
+    }
 }
