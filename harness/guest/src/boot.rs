@@ -18,7 +18,7 @@
 //! Besides the identity map, the same tables map all physical memory at [`PHYSMAP_BASE`]
 //! (PML4 slot 0x180 points at the identity map's PDPT); the dump reads pages there.
 
-use core::arch::{asm, global_asm};
+use core::arch::global_asm;
 
 use crate::global::Global;
 
@@ -327,17 +327,16 @@ pub unsafe fn read_start_info(paddr: u64) -> Result<(), &'static str> {
 // ---------------------------------------------------------------------------------------------
 // Paging
 
-/// CR3: the physical address of the PML4 (the dump's DirectoryTableBase).
+/// CR3: the physical address of the PML4 and its low flag bits, as the register holds them
+/// (the dump's DirectoryTableBase).
 pub fn cr3() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR3 has no side effects.
-    unsafe { asm!("mov {}, cr3", out(reg) value, options(nomem, nostack, preserves_flags)) };
-    value
+    let (pml4, low_bits) = x86_64::registers::control::Cr3::read_raw();
+    pml4.start_address().as_u64() | u64::from(low_bits)
 }
 
 fn flush_tlb() {
-    // SAFETY: reloading CR3 with its own value only flushes the TLB.
-    unsafe { asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack, preserves_flags)) };
+    // Reloads CR3 with its own value.
+    x86_64::instructions::tlb::flush_all();
 }
 
 fn table_at(entry: u64) -> *mut PageTable {

@@ -4,72 +4,57 @@
 //! register), CR2, and stopping or resetting the processor. Everything here touches no memory,
 //! so it is safe on the bug-check path after the dump has captured RAM.
 
-use core::arch::asm;
+use x86_64::instructions::{hlt, interrupts, port::Port};
+use x86_64::registers::control::Cr2;
 
 /// Writes the byte `value` to I/O port `port`.
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects; the ports this kernel writes are the UART, the PCI
     // configuration ports, CMOS and the reset register, all of which it owns.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { Port::<u8>::new(port).write(value) };
 }
 
 /// Reads a byte from I/O port `port`.
 pub fn inb(port: u16) -> u8 {
-    let value: u8;
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
-    };
-    value
+    unsafe { Port::<u8>::new(port).read() }
 }
 
 /// Writes the dword `value` to I/O port `port`.
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb` (the PCI configuration ports).
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { Port::<u32>::new(port).write(value) };
 }
 
 /// Reads a dword from I/O port `port`.
 pub fn inl(port: u16) -> u32 {
-    let value: u32;
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
-    };
-    value
+    unsafe { Port::<u32>::new(port).read() }
 }
 
-/// CR2: the address of the last page fault.
+/// CR2: the address of the last page fault, as the processor wrote it (not checked for being
+/// canonical: it goes into the bug check's parameters as it is).
 pub fn cr2() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR2 has no side effects.
-    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags)) };
-    value
+    Cr2::read_raw()
 }
 
 /// Disables maskable interrupts (they are never enabled; a bug check says so anyway, as
 /// Windows' does).
 pub fn disable_interrupts() {
-    // SAFETY: disabling interrupts has no memory effects.
-    unsafe { asm!("cli", options(nomem, nostack)) };
+    interrupts::disable();
 }
 
 /// Waits for the next interrupt: with maskable interrupts off, only an NMI ends the wait.
 pub fn halt() {
-    // SAFETY: halting has no memory effects; the NMI handler bug checks and never returns here.
-    unsafe { asm!("hlt", options(nomem, nostack)) };
+    hlt();
 }
 
 /// Stops the processor for good: interrupts off, `hlt` forever. An NMI still wakes it; its
 /// handler bug checks (a nested bug check halts here again).
 pub fn halt_forever() -> ! {
     loop {
-        // SAFETY: stopping the processor has no memory effects.
-        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+        interrupts::disable();
+        hlt();
     }
 }
 
