@@ -40,6 +40,11 @@ struct Cli {
     /// Exit after the first VM disconnects instead of waiting for the next one.
     #[arg(long)]
     once: bool,
+    /// Write every byte, zero pages too. By default a whole page of zeros that no earlier chunk
+    /// wrote is left as a hole: the file reads the same and takes less disk (Windows keeps free
+    /// memory zeroed).
+    #[arg(long)]
+    no_sparse: bool,
     /// Permission bits of dumps and sidecars, in octal: 0600 (the default: a dump holds the
     /// guest's RAM, keys and passwords) or up to 0660 to let a group of operators read them.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_file_mode)]
@@ -294,6 +299,7 @@ fn run(cli: Cli) -> Result<()> {
         file_mode: cli.file_mode,
         file_group: cli.file_group,
         events,
+        sparse: !cli.no_sparse,
         limits: quota::Limits {
             keep: (cli.keep > 0).then_some(cli.keep),
             max_total_size: cli.max_total_size,

@@ -63,6 +63,8 @@ pub struct Scenario {
     pub dump_timeout: Duration,
     /// Whether QEMU refuses live migration, as `crashmon-card.args` makes it (the default).
     pub migration_blocker: bool,
+    /// Percent of the workload's pages the guest leaves all zero (its `zero=` option).
+    pub zero_percent: u8,
 }
 
 impl Scenario {
@@ -81,6 +83,7 @@ impl Scenario {
             memory_mb: 128,
             dump_timeout: Duration::from_secs(60),
             migration_blocker: true,
+            zero_percent: 0,
         }
     }
 
@@ -102,6 +105,9 @@ impl Scenario {
         }
         if self.reboots > 0 {
             a += &format!(" reboot={}", self.reboots);
+        }
+        if self.zero_percent > 0 {
+            a += &format!(" zero={}", self.zero_percent);
         }
         a
     }
@@ -543,7 +549,13 @@ pub fn check(
         modified_pfns: boot.modified_pfns(),
         variable: Some((va, value)),
         secondary,
-        workload: Some(Workload { start, end, seed, var_pfn: pa / 0x1000 }),
+        workload: Some(Workload {
+            start,
+            end,
+            seed,
+            var_pfn: pa / 0x1000,
+            zero_percent: boot.workload_zero_percent(),
+        }),
     };
     let verified = verify::verify(path, ram_image, &expected)?;
     if !scenario.misbehave.is_empty() {
@@ -617,6 +629,13 @@ impl CheckedDump {
             self.seconds,
             mib / self.seconds,
         );
+        if let Some(allocated) = self.sidecar.allocated_bytes {
+            s += &format!(
+                "on disk   {:.1} MiB ({:.1} MiB of zero pages left as holes)\n",
+                allocated as f64 / (1 << 20) as f64,
+                self.sidecar.zero_bytes_skipped as f64 / (1 << 20) as f64,
+            );
+        }
         for v in &self.violations {
             s += &format!("caught    {v}\n");
         }

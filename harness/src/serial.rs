@@ -101,6 +101,11 @@ impl Boot {
         Some((l.number("start")?, l.number("end")?, l.number("seed")?))
     }
 
+    /// The percent of workload pages left zero (`zero=` on the WORKLOAD line; 0 if absent).
+    pub fn workload_zero_percent(&self) -> u64 {
+        self.first("WORKLOAD").and_then(|l| l.number("zero")).unwrap_or(0)
+    }
+
     /// `DUMP DONE bytes=N`.
     pub fn dump_bytes(&self) -> Option<u64> {
         self.first("DUMP DONE")?.number("bytes")

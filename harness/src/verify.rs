@@ -52,6 +52,8 @@ pub struct Workload {
     pub seed: u64,
     /// The variable's page, which holds other data.
     pub var_pfn: u64,
+    /// Percent of pages the guest left all zero (its `zero=` option).
+    pub zero_percent: u64,
 }
 
 impl Workload {
@@ -63,8 +65,18 @@ impl Workload {
         self.contains(pfn) && pfn % 4 == 3 && pfn != self.var_pfn
     }
 
+    /// Whether the guest left page `pfn` all zero: `splitmix64(pfn ^ seed ^ "zeropage") % 100`
+    /// below the percent (the guest's rule, written here independently).
+    fn is_zero_page(&self, pfn: u64) -> bool {
+        const ZERO_SALT: u64 = u64::from_be_bytes(*b"zeropage");
+        splitmix64(pfn ^ self.seed ^ ZERO_SALT) % 100 < self.zero_percent
+    }
+
     /// Whether `page` (at page frame `pfn`) holds the expected words.
     fn page_is_intact(&self, pfn: u64, page: &[u8]) -> bool {
+        if self.is_zero_page(pfn) {
+            return page.iter().all(|&b| b == 0);
+        }
         page.chunks_exact(8).enumerate().all(|(i, w)| {
             let pa = pfn * PAGE as u64 + 8 * i as u64;
             w == splitmix64(pa ^ self.seed).to_le_bytes()
@@ -493,8 +505,13 @@ mod tests {
         }
         let mut e = expected();
         e.variable = None;
-        e.workload =
-            Some(Workload { start: 16 * PAGE as u64, end: 64 * PAGE as u64, seed, var_pfn: 9 });
+        e.workload = Some(Workload {
+            start: 16 * PAGE as u64,
+            end: 64 * PAGE as u64,
+            seed,
+            var_pfn: 9,
+            zero_percent: 0,
+        });
         let (dump, image) = write(&ram0, dir.path());
         assert_eq!(verify(&dump, Some(&image), &e).unwrap().workload_pages, 48);
         assert_eq!(verify(&dump, None, &e).unwrap().pages_equal, 0, "no image, no comparison");

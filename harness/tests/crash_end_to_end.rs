@@ -32,12 +32,28 @@ fn sequential_full_dump_of_a_bug_check() -> Result<()> {
     assert_eq!(d.sidecar.write_order, crashmon_device_model::capture::WriteOrder::Sequential);
     assert_eq!(format!("{:?}", d.sidecar.bugcheck.as_ref().unwrap().source), "Announced");
     assert!(d.verified.pages_equal > 15_000, "{:?}", d.verified);
+    assert!(d.sidecar.allocated_bytes.is_some(), "{:?}", d.sidecar);
     assert!(d.verified.checks.iter().any(|c| c.contains("through DirectoryTableBase")));
     assert!(
         d.verified.checks.iter().any(|c| c.contains("secondary data block {c4a50d01")),
         "{:?}",
         d.verified.checks
     );
+    Ok(())
+}
+
+#[test]
+fn zero_pages_are_holes_in_the_file_and_the_dump_still_checks() -> Result<()> {
+    // Half the workload's pages zero, as free memory is on Windows: the verification reads the
+    // file as every byte (each zero page checked as zero, every other page against QEMU's RAM).
+    let outcome = run(Scenario { zero_percent: 50, ..Scenario::new("half-zero") })?;
+    let sc = &outcome.dumps[0].sidecar;
+    assert!(sc.zero_bytes_skipped > sc.size * 2 / 5, "{sc:?}");
+    assert_eq!(sc.zero_bytes_skipped % 4096, 0);
+    let allocated = sc.allocated_bytes.expect("allocated_bytes in a closed dump's sidecar");
+    // Allowing for the filesystem's rounding and metadata.
+    assert!(allocated <= sc.size - sc.zero_bytes_skipped + (4 << 20), "{sc:?}");
+    assert!(outcome.dumps[0].verified.workload_pages > 10_000, "{:?}", outcome.dumps[0].verified);
     Ok(())
 }
 
@@ -161,7 +177,7 @@ fn qemu_killed_mid_stream_leaves_an_incomplete_dump_with_every_byte() -> Result<
     let (start, end, seed) = boot.workload().context("workload line")?;
     let (_, var_pa, _) = boot.variable().context("var line")?;
     let modified = boot.modified_pfns();
-    let workload = Workload { start, end, seed, var_pfn: var_pa / 0x1000 };
+    let workload = Workload { start, end, seed, var_pfn: var_pa / 0x1000, zero_percent: 0 };
     let runs = u32::from_le_bytes(bytes[0x88..0x8c].try_into()?) as usize;
     let mut offset = 0x2000usize;
     let mut checked = 0;

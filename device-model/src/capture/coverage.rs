@@ -46,6 +46,15 @@ impl Coverage {
         }
     }
 
+    /// Whether any byte of `[start, end)` was written; `true` when tracking was given up (the
+    /// caller must then assume the worst).
+    pub fn touches(&self, start: u64, end: u64) -> bool {
+        if self.overflowed {
+            return true;
+        }
+        start < end && self.ranges.range(..end).next_back().is_some_and(|(_, &e)| e > start)
+    }
+
     /// Whether tracking was given up.
     pub fn overflowed(&self) -> bool {
         self.overflowed
@@ -148,5 +157,24 @@ mod tests {
         assert!(c.overflowed());
         assert_eq!(c.covered(), None);
         assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn touches_is_any_overlap() {
+        let mut c = Coverage::default();
+        c.insert(100, 200);
+        c.insert(300, 400);
+        for (s, e, want) in [
+            (0, 100, false),
+            (0, 101, true),
+            (199, 300, true),
+            (200, 300, false),
+            (250, 260, false),
+            (399, 1000, true),
+            (400, 1000, false),
+            (150, 150, false),
+        ] {
+            assert_eq!(c.touches(s, e), want, "[{s}, {e})");
+        }
     }
 }

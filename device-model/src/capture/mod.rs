@@ -42,6 +42,23 @@ pub const INCOMPLETE_SUFFIX: &str = ".incomplete.dmp";
 pub const SIDECAR_SUFFIX: &str = ".json";
 /// Holes listed in a sidecar at most.
 const MAX_LISTED_HOLES: usize = 64;
+/// The unit of zero-page skipping: a page of the file, as Windows' dumps are made of pages.
+const SPARSE_PAGE: u64 = 4096;
+
+/// Whether `page` is all zeros. Looks at the first bytes first (most pages that are not zero
+/// differ there), then ORs the rest a word at a time without branching, which the compiler
+/// vectorizes: the check must keep up with the card.
+fn is_zero(page: &[u8]) -> bool {
+    let (head, rest) = page.split_at(page.len().min(64));
+    if head.iter().any(|&b| b != 0) {
+        return false;
+    }
+    let mut words = rest.chunks_exact(8);
+    let acc = words.by_ref().fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes(w.try_into().expect("chunks_exact(8) yields 8 bytes"))
+    });
+    acc == 0 && words.remainder().iter().all(|&b| b == 0)
+}
 
 /// Mode of dumps and sidecars unless told otherwise: a dump is a copy of the guest's RAM, with
 /// its keys and passwords, so only the device model's user may read it.
@@ -64,6 +81,9 @@ pub struct CaptureConfig {
     pub events: crate::events::Events,
     /// How much of the disk a VM's dumps may take.
     pub limits: quota::Limits,
+    /// Leave all-zero pages out of the file as holes (the default; `--no-sparse` writes every
+    /// byte, for filesystems or backup tools that handle sparse files badly).
+    pub sparse: bool,
 }
 
 impl CaptureConfig {
@@ -77,6 +97,7 @@ impl CaptureConfig {
             file_group: None,
             events: crate::events::Events::disabled(),
             limits: quota::Limits::default(),
+            sparse: true,
         }
     }
 
@@ -208,6 +229,9 @@ pub struct Session {
     max_dump_size: u64,
     sidecar: Sidecar,
     coverage: Coverage,
+    /// The file's length on disk: writes past it extend it, and so does `set_len` when a chunk
+    /// ends in skipped zero pages.
+    len_on_disk: u64,
     /// SHA-256 of `[0, hashed_upto)` while every chunk so far appended exactly at the end, so a
     /// sequential dump is never read back; `None` once the order broke.
     running_hash: Option<(Sha256, u64)>,
@@ -252,6 +276,8 @@ impl Session {
             write_errors: 0,
             first_write_error: None,
             longest_answer_us: None,
+            zero_bytes_skipped: 0,
+            allocated_bytes: None,
         };
         let session = Session {
             config: config.clone(),
@@ -261,6 +287,7 @@ impl Session {
             max_dump_size: config.max_dump_size,
             sidecar,
             coverage: Coverage::default(),
+            len_on_disk: 0,
             running_hash: Some((Sha256::new(), 0)),
         };
         session.write_sidecar(false)?;
@@ -302,7 +329,7 @@ impl Session {
             .place(None, data.len(), self.max_dump_size)
             .map(|s| s + data.len() as u64)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        if let Err(e) = self.file.write_all_at(data, start) {
+        if let Err(e) = self.write_sparse(start, data) {
             self.sidecar.write_errors += 1;
             self.sidecar
                 .first_write_error
@@ -336,6 +363,48 @@ impl Session {
         };
         if self.sidecar.bugcheck.is_none() && kind == DumpIoType::Header && start == 0 {
             self.sidecar.bugcheck = bugcheck_from_header(data);
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `start`, leaving out every whole page (4 KiB of the file) that is all
+    /// zeros and that no earlier chunk wrote: the file keeps a hole there, which reads as zeros.
+    /// A page an earlier chunk wrote is written again, zeros or not (a hole would not erase what
+    /// is there). Windows keeps free memory zeroed, so a full dump is largely such pages.
+    fn write_sparse(&mut self, start: u64, data: &[u8]) -> io::Result<()> {
+        let end = start + data.len() as u64;
+        let mut pending: Option<(u64, u64)> = None; // a run of bytes still to write
+        let mut written_end = 0;
+        let mut at = start;
+        while at < end {
+            let page_end = ((at / SPARSE_PAGE) + 1) * SPARSE_PAGE;
+            let piece_end = page_end.min(end);
+            let piece = &data[(at - start) as usize..(piece_end - start) as usize];
+            let skip = at.is_multiple_of(SPARSE_PAGE)
+                && piece.len() as u64 == SPARSE_PAGE
+                && self.config.sparse
+                && is_zero(piece)
+                && !self.coverage.touches(at, piece_end);
+            if skip {
+                if let Some((s, e)) = pending.take() {
+                    self.file.write_all_at(&data[(s - start) as usize..(e - start) as usize], s)?;
+                    written_end = e;
+                }
+                self.sidecar.zero_bytes_skipped += SPARSE_PAGE;
+            } else {
+                pending = Some(pending.map_or((at, piece_end), |(s, _)| (s, piece_end)));
+            }
+            at = piece_end;
+        }
+        if let Some((s, e)) = pending {
+            self.file.write_all_at(&data[(s - start) as usize..(e - start) as usize], s)?;
+            written_end = e;
+        }
+        self.len_on_disk = self.len_on_disk.max(written_end);
+        if end > self.len_on_disk {
+            // Skipped pages at the end leave the file short: its length is the dump's.
+            self.file.set_len(end)?;
+            self.len_on_disk = end;
         }
         Ok(())
     }
@@ -397,6 +466,10 @@ impl Session {
         self.sidecar.longest_answer_us = longest_answer_us;
         self.sidecar.ended_at = Some(sidecar::time::now());
         self.sidecar.missing_bytes = self.coverage.covered().map(|c| self.sidecar.size - c);
+        self.sidecar.allocated_bytes = {
+            use std::os::unix::fs::MetadataExt;
+            self.file.metadata().ok().map(|m| m.blocks() * 512)
+        };
         self.sidecar.missing_ranges =
             self.coverage.holes(self.sidecar.size, MAX_LISTED_HOLES).unwrap_or_default();
         self.write_sidecar(true)?;
@@ -592,6 +665,8 @@ fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf
         sidecar.missing_bytes = None;
         sidecar.sha256 = Some(sha);
         sidecar.sha256_source = Some(HashSource::ReadBack);
+        sidecar.allocated_bytes =
+            file.metadata().ok().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
         // Rewritten with the mode and group the old sidecar had.
         let meta = fs::symlink_metadata(&sidecar_path)?;
         let config = CaptureConfig {
@@ -650,6 +725,83 @@ mod tests {
                 Closing { incomplete_reason: incomplete.map(str::to_owned), ..Closing::default() };
             self.session.finish(&closing, None).unwrap()
         }
+    }
+
+    /// `pages` pages of 4 KiB: page i is zeros where `zero(i)`, else a pattern.
+    fn pages(count: usize, zero: impl Fn(usize) -> bool) -> Vec<u8> {
+        (0..count * 4096)
+            .map(|i| if zero(i / 4096) { 0 } else { (i as u8).wrapping_mul(31) | 1 })
+            .collect()
+    }
+
+    #[test]
+    fn zero_pages_become_holes_and_the_file_reads_the_same() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Rig::open(dir.path(), 1 << 30);
+        // 256 pages, three in four zero, ending in zeros: the file must still be 1 MiB long.
+        let data = pages(256, |i| i % 4 != 0 || i >= 250);
+        // Chunks of 40 KiB + 100 bytes: most start off a page boundary, so the partial pages
+        // at their edges are written even when zero.
+        for c in data.chunks(41_060) {
+            s.write(DumpIoType::Body, None, c).unwrap();
+        }
+        let f = s.finish(None);
+        let on_disk = fs::read(&f.dump_path).unwrap();
+        assert_eq!(on_disk.len(), data.len());
+        assert!(on_disk == data, "the file reads as every byte sent");
+        let sc = read_sidecar(&f);
+        assert_eq!(sc.sha256.as_deref(), Some(sha(&data).as_str()));
+        assert_eq!(sc.size, data.len() as u64);
+        assert!(sc.zero_bytes_skipped >= 150 * 4096, "{}", sc.zero_bytes_skipped);
+        assert!(sc.zero_bytes_skipped.is_multiple_of(4096));
+        let allocated = fs::metadata(&f.dump_path).unwrap().blocks() * 512;
+        assert_eq!(sc.allocated_bytes, Some(allocated));
+        assert!(allocated <= data.len() as u64 - sc.zero_bytes_skipped + 16 * 4096, "{allocated}");
+    }
+
+    #[test]
+    fn zeros_over_bytes_already_written_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Rig::open(dir.path(), 1 << 30);
+        let first = pages(8, |_| false);
+        s.write(DumpIoType::Body, Some(0), &first).unwrap();
+        // The guest rewrites pages 2..6 as zeros: a hole would leave the old bytes.
+        s.write(DumpIoType::Body, Some(2 * 4096), &[0u8; 4 * 4096]).unwrap();
+        // Past the end, zeros are skipped and the file grows to their end.
+        s.write(DumpIoType::Body, Some(8 * 4096), &[0u8; 3 * 4096]).unwrap();
+        let f = s.finish(None);
+        let mut want = first.clone();
+        want[2 * 4096..6 * 4096].fill(0);
+        want.extend([0u8; 3 * 4096]);
+        assert!(fs::read(&f.dump_path).unwrap() == want);
+        let sc = read_sidecar(&f);
+        assert_eq!(sc.zero_bytes_skipped, 3 * 4096);
+        assert_eq!(sc.sha256.as_deref(), Some(sha(&want).as_str()));
+    }
+
+    #[test]
+    fn no_sparse_writes_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CaptureConfig { sparse: false, ..config(dir.path(), 1 << 30) };
+        let mut session = Session::open(&config, &SessionName::new(), None).unwrap();
+        let data = pages(16, |i| i != 3);
+        session.write(DumpIoType::Body, 0, false, &data).unwrap();
+        session.make_durable(None).unwrap();
+        let f = session.finish(&Closing::default(), None).unwrap();
+        assert!(fs::read(&f.dump_path).unwrap() == data);
+        assert_eq!(f.sidecar.zero_bytes_skipped, 0);
+    }
+
+    #[test]
+    fn zero_check() {
+        assert!(is_zero(&[0u8; 4096]));
+        for at in [0, 1, 63, 64, 65, 4000, 4095] {
+            let mut page = [0u8; 4096];
+            page[at] = 0x80;
+            assert!(!is_zero(&page), "{at}");
+        }
+        assert!(is_zero(&[]) && is_zero(&[0; 67]) && !is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
     }
 
     #[test]

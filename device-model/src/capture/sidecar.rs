@@ -157,6 +157,14 @@ pub struct Sidecar {
     /// message from the session's start until its file was durable.
     #[serde(default)]
     pub longest_answer_us: Option<u64>,
+    /// Bytes of all-zero pages that were not written: the file has holes there, which read as
+    /// zeros ([`Sidecar::size`] and `sha256` are those of every byte).
+    #[serde(default)]
+    pub zero_bytes_skipped: u64,
+    /// Disk space the dump file takes once closed (its allocated blocks), beside its logical
+    /// [`Sidecar::size`].
+    #[serde(default)]
+    pub allocated_bytes: Option<u64>,
 }
 
 /// Sidecar times: written as RFC 3339 in UTC with milliseconds (`2026-11-23T10:12:13.456Z`), the

@@ -151,7 +151,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     if let Err(e) = misbehave::register(config.misbehave) {
         fail(e);
     }
-    if let Err(e) = workload::init(info, config.seed) {
+    if let Err(e) = workload::init(info, config.seed, config.zero_percent) {
         fail(e);
     }
     println!("CRASHMON DTB cr3={:#x}", boot::cr3());

@@ -11,6 +11,7 @@
 //! | `misbehave` | `alloc`, `lock`, `wait`, comma separated | none | register a SecondaryDumpData callback that breaks those rules |
 //! | `reboot` | number | 0 | after a dump, reset the machine while fewer than this many resets have happened (counted in CMOS), so the next boot crashes again |
 //! | `seed` | number | [`workload::DEFAULT_SEED`] | the workload's seed |
+//! | `zero` | 0 to 100 | 0 | percent of the workload's pages left all zero ([`workload::is_zero_page`]), as Windows keeps free memory zeroed |
 //!
 //! Triggers: `bugcheck` calls `KeBugCheckEx`; `nmi` waits halted for an NMI (QMP `inject-nmi`),
 //! which bug checks 0x80 NMI_HARDWARE_FAILURE as Windows does when told to crash on NMI;
@@ -60,6 +61,8 @@ pub struct Config {
     pub reboot: u64,
     /// `seed=`.
     pub seed: u64,
+    /// `zero=`: percent of workload pages left zero.
+    pub zero_percent: u64,
     /// This boot's index since QEMU started (0 first), from CMOS.
     pub boot_index: u64,
 }
@@ -75,6 +78,7 @@ impl Config {
         misbehave: Misbehaviour::NONE,
         reboot: 0,
         seed: workload::DEFAULT_SEED,
+        zero_percent: 0,
         boot_index: 0,
     };
 }
@@ -139,6 +143,7 @@ pub fn init(cmdline: &str) -> Config {
             }),
             "reboot" => number(value).map(|v| c.reboot = v).is_some(),
             "seed" => number(value).map(|v| c.seed = v).is_some(),
+            "zero" => number(value).filter(|&v| v <= 100).map(|v| c.zero_percent = v).is_some(),
             _ => false,
         };
         if !ok {

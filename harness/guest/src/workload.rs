@@ -4,6 +4,10 @@
 //! without a RAM snapshot: the 8-byte little-endian word at physical address `pa` is
 //! [`word`]`(pa, seed)` = `splitmix64(pa ^ seed)`.
 //!
+//! With `zero=N` on the command line, N percent of the workload's pages are left all zero
+//! instead ([`is_zero_page`]: chosen by a hash of the page number and the seed), as Windows keeps
+//! free memory zeroed; the device model leaves such pages out of the file as holes.
+//!
 //! Every fourth page of the workload (`pfn % 4 == 3`) counts as free ([`is_free`]): it is filled
 //! like the others, but a bitmap dump leaves it out, as Windows leaves out free pages.
 //!
@@ -73,9 +77,17 @@ pub fn is_free(pfn: u64) -> bool {
     pfn >= l.first_pfn && pfn < l.end_pfn && pfn % 4 == 3
 }
 
+/// Whether the workload leaves page `pfn` all zero, `zero_percent` percent of pages being so.
+pub const fn is_zero_page(pfn: u64, seed: u64, zero_percent: u64) -> bool {
+    splitmix64(pfn ^ seed ^ ZERO_SALT) % 100 < zero_percent
+}
+
+/// Keeps the choice of zero pages apart from the words' values.
+const ZERO_SALT: u64 = 0x7A65_726F_7061_6765; // "zeropage"
+
 /// Fills the workload, places the known variable and registers the AddPages callback for its
 /// page. Boot time.
-pub fn init(info: &BootInfo, seed: u64) -> Result<(), &'static str> {
+pub fn init(info: &BootInfo, seed: u64, zero_percent: u64) -> Result<(), &'static str> {
     let (_, image_end) = boot::image();
     let first_pfn = image_end.div_ceil(PAGE_SIZE);
     let end_pfn = info.ram_top() / PAGE_SIZE;
@@ -84,11 +96,16 @@ pub fn init(info: &BootInfo, seed: u64) -> Result<(), &'static str> {
     unsafe { *LAYOUT.get() = Layout { first_pfn, end_pfn, var_pfn } };
 
     let mut filled = 0u64;
+    let mut zeroed = 0u64;
     for (start, end) in info.ram() {
         let start = start.max(first_pfn * PAGE_SIZE);
         let mut pa = start;
         while pa < end {
-            if pa / PAGE_SIZE != var_pfn {
+            if pa / PAGE_SIZE != var_pfn && is_zero_page(pa / PAGE_SIZE, seed, zero_percent) {
+                // SAFETY: as below.
+                unsafe { ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE as usize) };
+                zeroed += 1;
+            } else if pa / PAGE_SIZE != var_pfn {
                 let page = pa as *mut u64;
                 for i in 0..(PAGE_SIZE / 8) {
                     // SAFETY: a RAM page above the kernel image, identity mapped, used by
@@ -125,11 +142,13 @@ pub fn init(info: &BootInfo, seed: u64) -> Result<(), &'static str> {
         return Err("registering the guest's AddPages callback");
     }
     println!(
-        "CRASHMON WORKLOAD start={:#x} end={:#x} seed={:#x} pages={} free=pfn%4==3",
+        "CRASHMON WORKLOAD start={:#x} end={:#x} seed={:#x} pages={} zero={} zero_pages={} free=pfn%4==3",
         first_pfn * PAGE_SIZE,
         end_pfn * PAGE_SIZE,
         seed,
-        filled
+        filled,
+        zero_percent,
+        zeroed
     );
     println!(
         "CRASHMON VAR va={:#x} pa={:#x} value={:#x}",
