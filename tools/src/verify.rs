@@ -199,8 +199,9 @@ pub fn filesystem_holes(file: &std::fs::File, size: u64) -> Vec<[u64; 2]> {
 }
 
 /// Holes only where the sidecar declares them: the filesystem's holes (ranges never written)
-/// must lie in the declared `missing_ranges`, and those must read as zeros. A complete dump
-/// declares none.
+/// must lie in the declared `missing_ranges`, and those must read as zeros, except for the zero
+/// pages the device model left out as holes (at most `zero_bytes_skipped` bytes in all; they
+/// read as the zeros the guest sent). A complete dump declares no missing range.
 fn holes(bytes: &DumpBytes, sc: &Sidecar) -> Result<Check, ToolError> {
     let data = bytes.bytes();
     let size = data.len() as u64;
@@ -247,6 +248,9 @@ fn holes(bytes: &DumpBytes, sc: &Sidecar) -> Result<Check, ToolError> {
     let listed_end = declared.iter().map(|r| r[1]).max().unwrap_or(0);
     let fs_holes = filesystem_holes(&bytes.file, size);
     let in_holes: u64 = fs_holes.iter().map(|[s, e]| e - s).sum();
+    // Holes no declared range covers: the first of them, and their total.
+    let mut undeclared: Option<[u64; 2]> = None;
+    let mut undeclared_bytes = 0u64;
     for &[s, e] in &fs_holes {
         if untracked || (truncated && s >= listed_end) {
             continue;
@@ -261,25 +265,41 @@ fn holes(bytes: &DumpBytes, sc: &Sidecar) -> Result<Check, ToolError> {
             }
         }
         if at < e {
-            return Ok(Check::new(
-                "holes",
-                false,
-                format!(
-                    "[{at:#x}, {e:#x}) ({} bytes) was never written, and the sidecar does not \
-                     declare it missing",
-                    e - at
-                ),
-            ));
+            undeclared.get_or_insert([at, e]);
+            undeclared_bytes += e - at;
         }
     }
+    if let Some([at, e]) = undeclared.filter(|_| undeclared_bytes > sc.zero_bytes_skipped) {
+        return Ok(Check::new(
+            "holes",
+            false,
+            format!(
+                "[{at:#x}, {e:#x}) ({} bytes) was never written, and the sidecar does not \
+                 declare it missing ({undeclared_bytes} such bytes, {} of zero pages left as \
+                 holes)",
+                e - at,
+                sc.zero_bytes_skipped
+            ),
+        ));
+    }
+    let sparse = if undeclared_bytes > 0 {
+        format!(
+            "; {undeclared_bytes} bytes of zero pages left as holes (the sidecar records {})",
+            sc.zero_bytes_skipped
+        )
+    } else {
+        String::new()
+    };
     let detail = if untracked {
         format!("{in_holes} bytes in holes; the sidecar did not track missing ranges")
-    } else if declared.is_empty() {
+    } else if declared.is_empty() && undeclared_bytes == 0 {
         "none: every byte was written".to_owned()
+    } else if declared.is_empty() {
+        format!("none missing{sparse}")
     } else {
         format!(
             "{} declared missing ranges ({} bytes) read as zeros; {in_holes} bytes never written, \
-             all declared",
+             all declared{sparse}",
             declared.len(),
             listed
         )
