@@ -136,6 +136,20 @@ impl Room {
         Ok(room)
     }
 
+    /// Once a dump is closed (`closed`, under its final name), removes the oldest others until
+    /// `--keep` holds again. A session that opened while earlier ones were still closing could
+    /// not remove those (a dump being closed is never removed), so the count can exceed
+    /// `--keep` until the last session closes; this restores it. The dump just closed is never
+    /// the one removed.
+    pub fn trim(config: &CaptureConfig, closed: &Path) -> io::Result<()> {
+        let Some(keep) = config.limits.keep else { return Ok(()) };
+        let _serial = ROOM.lock().unwrap_or_else(|p| p.into_inner());
+        let others = existing(config)?.into_iter().filter(|d| d.dump != closed).collect();
+        let mut room = Room { others };
+        while room.others.len() + 1 > keep.max(1) && room.remove_oldest(config, "keep")? {}
+        Ok(())
+    }
+
     /// Bytes the VM's other dumps take.
     pub fn total(&self) -> u64 {
         self.others.iter().map(|d| d.size).sum()
@@ -265,6 +279,26 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 6, "its sidecar went with it");
         Room::make(&config(dir.path(), Some(1), None)).unwrap();
         assert!(!old_incomplete.exists() && !newer.exists() && other_vm.exists());
+    }
+
+    #[test]
+    fn trim_restores_keep_once_a_dump_closes_and_never_removes_that_dump() {
+        let dir = tempfile::tempdir().unwrap();
+        // Three older incomplete dumps and the one just closed (complete, the newest): with
+        // --keep 2, the two oldest go, never the one just closed, although complete dumps are
+        // removed first.
+        let a = dump(dir.path(), "vm", 1, false, 10);
+        let b = dump(dir.path(), "vm", 2, false, 10);
+        let c = dump(dir.path(), "vm", 3, false, 10);
+        let closed = dump(dir.path(), "vm", 4, true, 10);
+        Room::trim(&config(dir.path(), Some(2), None), &closed).unwrap();
+        assert!(!a.exists() && !b.exists() && c.exists() && closed.exists());
+        // Under the limit, nothing goes; without --keep, nothing either.
+        Room::trim(&config(dir.path(), Some(2), None), &closed).unwrap();
+        Room::trim(&config(dir.path(), None, None), &closed).unwrap();
+        assert!(c.exists() && closed.exists());
+        Room::trim(&config(dir.path(), Some(1), None), &closed).unwrap();
+        assert!(!c.exists() && closed.exists());
     }
 
     #[test]

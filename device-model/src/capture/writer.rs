@@ -29,7 +29,7 @@ use crate::data_window::DataWindow;
 use crate::events::{DumpFields, Event};
 use crashmon_card_abi::ErrorCode;
 use crashmon_card_abi::{DumpIoType, SLOT_COUNT, SLOT_SIZE};
-use log::error;
+use log::{error, warn};
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -373,6 +373,9 @@ fn run(
     let longest = progress.longest_answer_us.load(Ordering::Acquire);
     match session.finish(&closing, Some(longest)) {
         Ok(finished) => {
+            if let Err(e) = quota::Room::trim(config, &finished.dump_path) {
+                warn!("VM {}: cannot apply --keep after closing a dump: {e}", config.vm_name);
+            }
             let sc = &finished.sidecar;
             let dump = DumpFields {
                 dump: finished.dump_path.clone(),
