@@ -70,8 +70,14 @@ fn writes_throttled_to_4_mib_per_second_slow_the_dump_but_lose_nothing() -> Resu
     let (outcome, stats) = run_on_slow_disk(s, options)?;
     let d = &outcome.dumps[0];
     ensure!(stats.delayed_writes > 0, "{stats:?}");
-    ensure!(stats.bytes_written >= d.verified.dump_bytes, "{stats:?}");
-    // 64 MiB at 4 MiB/s cannot take less than 15 s: the guest did wait for the disk.
-    ensure!(d.seconds >= 15.0, "{} s", d.seconds);
+    // Zero pages are left out as holes: the dump's other bytes went through the throttled
+    // filesystem (within a chunk: the kernel's page cache may merge writes before FUSE sees
+    // them, and the count includes the sidecars). The dump's content is checked above.
+    let written = d.verified.dump_bytes - d.sidecar.zero_bytes_skipped;
+    ensure!(stats.bytes_written + (1 << 20) >= written, "{stats:?} for {written} bytes to write");
+    // At 4 MiB/s those bytes (nearly 64 MiB) cannot take less than their time at that rate,
+    // less a second: the guest did wait for the disk.
+    let floor = written as f64 / (4 << 20) as f64 - 1.0;
+    ensure!(floor > 10.0 && d.seconds >= floor, "{} s for {written} bytes", d.seconds);
     Ok(())
 }
