@@ -50,7 +50,7 @@ fn a_guest_flooding_sessions_is_rate_limited_and_keep_bounds_the_files() {
     drop(vfio);
     assert!(dev.wait().success(), "{}", dev.log());
     let kept = dev.files(".incomplete.dmp");
-    assert_eq!(kept.len(), 4, "--keep 4");
+    assert_eq!(kept.len(), 4, "--keep 4: {}", dev.log());
     assert_eq!(dev.files(".json").len(), 4, "sidecars went with their dumps");
     for dump in &kept {
         assert_eq!(std::fs::read(dump).unwrap(), vec![0x5A; 4096]);

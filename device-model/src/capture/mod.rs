@@ -249,7 +249,10 @@ impl Session {
         let base =
             format!("{}-{}-{}", config.vm_name, name.started.format("%Y%m%dT%H%M%SZ"), name.id);
         let partial = config.output_dir.join(format!("{base}{PARTIAL_SUFFIX}"));
-        let file = config.create_file(&partial, true)?;
+        let file = {
+            let _listing = quota::folder_change();
+            config.create_file(&partial, true)?
+        };
         // Held until the session closes; see `recover_stale`.
         file.try_lock().map_err(io::Error::other)?;
         let sidecar = Sidecar {
@@ -423,6 +426,7 @@ impl Session {
     /// Closes a session that carried no dump bytes: its empty file and its sidecar are removed,
     /// so that a guest opening sessions in a loop leaves no files behind.
     pub fn discard(self) -> io::Result<()> {
+        let _listing = quota::folder_change();
         fs::remove_file(self.partial_path())?;
         fs::remove_file(self.sidecar_path())
     }
@@ -434,7 +438,10 @@ impl Session {
         let suffix = if incomplete_reason.is_some() { INCOMPLETE_SUFFIX } else { COMPLETE_SUFFIX };
         let dump_name = format!("{}{suffix}", self.base);
         let dump_path = self.dir.join(&dump_name);
-        fs::rename(self.partial_path(), &dump_path)?;
+        {
+            let _listing = quota::folder_change();
+            fs::rename(self.partial_path(), &dump_path)?;
+        }
         File::open(&self.dir)?.sync_all()?;
         self.sidecar.dump_file = dump_name;
         Ok(dump_path)
@@ -676,7 +683,10 @@ fn recover_one(dir: &Path, path: &Path, base: &str) -> io::Result<Option<PathBuf
         };
         write_json_atomically(&config, &sidecar_path, &sidecar, true)?;
     }
-    fs::rename(path, dir.join(&dump_name))?;
+    {
+        let _listing = quota::folder_change();
+        fs::rename(path, dir.join(&dump_name))?;
+    }
     File::open(dir)?.sync_all()?;
     Ok(Some(dir.join(dump_name)))
 }

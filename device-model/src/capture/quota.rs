@@ -61,11 +61,20 @@ struct Existing {
     /// A `.dmp.partial` another session is writing: counted, never removed.
     live: bool,
     size: u64,
+    /// Last written: orders dumps whose names carry the same second.
+    modified: Option<std::time::SystemTime>,
 }
 
 /// Writers of one process list and remove dumps one at a time, so that two sessions opening
 /// together do not both count the same room. Held only by writer threads, never by the card.
 static ROOM: Mutex<()> = Mutex::new(());
+
+/// Held while a dump file is created, renamed or removed outside [`Room`]: the folder is then
+/// never listed mid-change (readdir may return an entry renamed during the listing twice, or
+/// not at all, which made `--keep` remove one dump too many or too few).
+pub(super) fn folder_change() -> std::sync::MutexGuard<'static, ()> {
+    ROOM.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// This VM's dumps in the folder, oldest first (names sort by time).
 fn existing(config: &CaptureConfig) -> io::Result<Vec<Existing>> {
@@ -100,16 +109,31 @@ fn existing(config: &CaptureConfig) -> io::Result<Vec<Existing>> {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<super::Sidecar>(&b).ok())
                 .is_some_and(|s| s.state == super::DumpState::Streaming);
-        let size = entry.metadata()?.len();
+        let meta = entry.metadata()?;
         found.push(Existing {
             base: base.to_owned(),
             dump: entry.path(),
             complete,
             live: live || closing,
-            size,
+            size: meta.len(),
+            modified: meta.modified().ok(),
         });
     }
-    found.sort_by(|a, b| a.base.cmp(&b.base));
+    // Oldest first: by the time in the name (to the second), then by when last written (the
+    // rest of the name is a random UUID).
+    found.sort_by(|a, b| {
+        let time = |d: &Existing| d.base.get(prefix.len()..prefix.len() + 16).map(str::to_owned);
+        (time(a), a.modified, &a.base).cmp(&(time(b), b.modified, &b.base))
+    });
+    // A dump renamed (partial to final name) while the folder was read may be listed under both
+    // names (readdir may return a renamed entry twice): count it once, as live.
+    found.dedup_by(|later, first| {
+        let same = later.base == first.base;
+        if same {
+            first.live = true;
+        }
+        same
+    });
     Ok(found)
 }
 
@@ -121,32 +145,33 @@ pub struct Room {
 }
 
 impl Room {
-    /// Lists the VM's dumps and removes the oldest until one more fits under `--keep` and the
-    /// others leave some room under `--max-total-size`.
+    /// Lists the VM's dumps and removes the oldest until the others leave some room under
+    /// `--max-total-size`. `--keep` is not applied here but by [`Room::trim`] once the new dump
+    /// has bytes: a session that ends empty leaves no file, and must not have removed one.
     pub fn make(config: &CaptureConfig) -> io::Result<Room> {
         let _serial = ROOM.lock().unwrap_or_else(|p| p.into_inner());
         let mut room = Room { others: existing(config)? };
-        let keep = config.limits.keep;
-        while keep.is_some_and(|k| room.others.len() + 1 > k.max(1))
-            && room.remove_oldest(config, "keep")?
-        {}
         if let Some(max) = config.limits.max_total_size {
             while room.total() >= max && room.remove_oldest(config, "max-total-size")? {}
         }
         Ok(room)
     }
 
-    /// Once a dump is closed (`closed`, under its final name), removes the oldest others until
-    /// `--keep` holds again. A session that opened while earlier ones were still closing could
-    /// not remove those (a dump being closed is never removed), so the count can exceed
-    /// `--keep` until the last session closes; this restores it. The dump just closed is never
-    /// the one removed.
-    pub fn trim(config: &CaptureConfig, closed: &Path) -> io::Result<()> {
+    /// Applies `--keep` for the dump at `this` (its partial when its first bytes arrive, its
+    /// final name once closed): removes the oldest closed dumps until they and this one are at
+    /// most `--keep`. Dumps still being written are neither counted nor removed: each applies
+    /// `--keep` itself when its first bytes arrive and again when it closes, so a burst of
+    /// sessions ends with exactly `--keep` dumps, and a session that ends empty (no file)
+    /// removes nothing. `this` is never removed.
+    pub fn trim(config: &CaptureConfig, this: &Path) -> io::Result<()> {
         let Some(keep) = config.limits.keep else { return Ok(()) };
         let _serial = ROOM.lock().unwrap_or_else(|p| p.into_inner());
-        let others = existing(config)?.into_iter().filter(|d| d.dump != closed).collect();
+        let all = existing(config)?;
+        // Gone already (another dump's trim removed it): it takes no room.
+        let mine = usize::from(all.iter().any(|d| d.dump == this));
+        let others = all.into_iter().filter(|d| d.dump != this && !d.live).collect();
         let mut room = Room { others };
-        while room.others.len() + 1 > keep.max(1) && room.remove_oldest(config, "keep")? {}
+        while room.others.len() + mine > keep.max(1) && room.remove_oldest(config, "keep")? {}
         Ok(())
     }
 
@@ -272,13 +297,20 @@ mod tests {
         let old_complete = dump(dir.path(), "vm", 2, true, 10);
         let newer = dump(dir.path(), "vm", 3, true, 10);
         let other_vm = dump(dir.path(), "vm-2", 0, true, 10);
+        // --keep counts nothing at a session's start (it may end empty)...
         let room = Room::make(&config(dir.path(), Some(3), None)).unwrap();
+        assert_eq!(room.total(), 30);
+        assert!(old_complete.exists());
+        // ...but once the new dump has bytes, the oldest complete dump makes room for it.
+        let new =
+            dir.path().join(format!("vm-20260101T000009Z-{}.dmp.partial", uuid::Uuid::new_v4()));
+        fs::write(&new, b"bytes").unwrap();
+        Room::trim(&config(dir.path(), Some(3), None), &new).unwrap();
         assert!(!old_complete.exists(), "the oldest complete dump went first");
         assert!(old_incomplete.exists() && newer.exists() && other_vm.exists());
-        assert_eq!(room.total(), 20);
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 6, "its sidecar went with it");
-        Room::make(&config(dir.path(), Some(1), None)).unwrap();
-        assert!(!old_incomplete.exists() && !newer.exists() && other_vm.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 7, "its sidecar went with it");
+        Room::trim(&config(dir.path(), Some(1), None), &new).unwrap();
+        assert!(!old_incomplete.exists() && !newer.exists() && other_vm.exists() && new.exists());
     }
 
     #[test]
@@ -299,18 +331,27 @@ mod tests {
         assert!(c.exists() && closed.exists());
         Room::trim(&config(dir.path(), Some(1), None), &closed).unwrap();
         assert!(!c.exists() && closed.exists());
+        // A dump another trim removed already takes no room: its own trim keeps --keep others.
+        let d = dump(dir.path(), "vm", 5, false, 10);
+        fs::remove_file(&closed).unwrap();
+        Room::trim(&config(dir.path(), Some(1), None), &closed).unwrap();
+        assert!(d.exists());
     }
 
     #[test]
-    fn a_live_partial_counts_but_is_never_removed() {
+    fn a_live_partial_is_neither_counted_nor_removed_by_keep() {
         let dir = tempfile::tempdir().unwrap();
         let live = dir
             .path()
             .join(format!("vm-20260101T000001Z-{}{PARTIAL_SUFFIX}", uuid::Uuid::new_v4()));
         fs::write(&live, b"writing").unwrap();
         let done = dump(dir.path(), "vm", 2, true, 10);
-        Room::make(&config(dir.path(), Some(2), None)).unwrap();
-        assert!(live.exists() && !done.exists());
+        let this = dump(dir.path(), "vm", 3, true, 10);
+        // The live one applies --keep itself when it closes.
+        Room::trim(&config(dir.path(), Some(2), None), &this).unwrap();
+        assert!(live.exists() && done.exists());
+        Room::trim(&config(dir.path(), Some(1), None), &this).unwrap();
+        assert!(live.exists() && !done.exists() && this.exists());
     }
 
     #[test]

@@ -259,9 +259,17 @@ fn run(
     // slot's worth first.
     let mut buffer = Vec::new();
     let mut last_progress = Instant::now();
+    let mut keep_applied = false;
     let closing = loop {
         match queue.recv() {
             Ok(Job::Write(job)) => {
+                // The first bytes: this dump will be kept, so --keep makes room for it now.
+                if let (Some(s), false) = (&session, keep_applied) {
+                    keep_applied = true;
+                    if let Err(e) = quota::Room::trim(config, &s.partial_path()) {
+                        warn!("VM {}: cannot apply --keep: {e}", config.vm_name);
+                    }
+                }
                 let len = (job.len as usize).min(SLOT_SIZE as usize);
                 if buffer.len() < len {
                     buffer.resize(len, 0);
