@@ -284,10 +284,13 @@ fn corpus(target: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target)
 }
 
+/// A target's name, its named seeds, and its entry point.
+type Target = (&'static str, Vec<(&'static str, Vec<u8>)>, fn(&[u8]));
+
 #[test]
 fn seed_corpora() {
     let write = std::env::var_os("CRASHMON_WRITE_SEEDS").is_some();
-    let targets: [(&str, Vec<(&str, Vec<u8>)>, fn(&[u8])); 3] = [
+    let targets: [Target; 3] = [
         ("card", card_seeds(), card::run),
         ("vfio_messages", vfio_seeds(), crate::vfio::run),
         ("recovery", recovery_seeds(), recovery::run),
