@@ -548,7 +548,8 @@ fn hash_file(file: &File) -> io::Result<String> {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let size = file.metadata()?.len();
     let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+    // At most 1 MiB, and no more than the file: a small dump does not zero a large buffer.
+    let mut buf = vec![0u8; size.min(1 << 20) as usize];
     let mut at = 0u64;
     let fd = file.as_raw_fd();
     while at < size {

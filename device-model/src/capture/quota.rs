@@ -145,15 +145,17 @@ pub struct Room {
 }
 
 impl Room {
-    /// Lists the VM's dumps and removes the oldest until the others leave some room under
-    /// `--max-total-size`. `--keep` is not applied here but by [`Room::trim`] once the new dump
+    /// With `--max-total-size`, lists the VM's dumps and removes the oldest until the others
+    /// leave some room under it. `--keep` is not applied here but by [`Room::trim`] once the new dump
     /// has bytes: a session that ends empty leaves no file, and must not have removed one.
     pub fn make(config: &CaptureConfig) -> io::Result<Room> {
         let _serial = ROOM.lock().unwrap_or_else(|p| p.into_inner());
+        // Only `--max-total-size` needs the other dumps; without it the folder is not listed.
+        let Some(max) = config.limits.max_total_size else {
+            return Ok(Room { others: Vec::new() });
+        };
         let mut room = Room { others: existing(config)? };
-        if let Some(max) = config.limits.max_total_size {
-            while room.total() >= max && room.remove_oldest(config, "max-total-size")? {}
-        }
+        while room.total() >= max && room.remove_oldest(config, "max-total-size")? {}
         Ok(room)
     }
 
@@ -298,8 +300,9 @@ mod tests {
         let newer = dump(dir.path(), "vm", 3, true, 10);
         let other_vm = dump(dir.path(), "vm-2", 0, true, 10);
         // --keep counts nothing at a session's start (it may end empty)...
+        // (and without --max-total-size the folder is not even listed).
         let room = Room::make(&config(dir.path(), Some(3), None)).unwrap();
-        assert_eq!(room.total(), 30);
+        assert_eq!(room.total(), 0);
         assert!(old_complete.exists());
         // ...but once the new dump has bytes, the oldest complete dump makes room for it.
         let new =
