@@ -59,6 +59,10 @@
 //! | 0x74 | [`regs::DOORBELL`] | WO | any write submits the chunk described above |
 //! | 0x78 | [`regs::BYTES_WRITTEN_LO`] / `_HI` | RO | payload bytes of this session the host has written into the dump file |
 //! | 0x80 | [`regs::HOST_CLOCK_MS`] | RO | the host's monotonic clock in milliseconds (wrapping): what the driver measures "no progress for a long time" with |
+//! | 0x84 | [`regs::CHUNK_FLAGS`] | RW | [`chunk_flags`]: with `DMA`, the slot holds a scatter list, not the bytes (see [DMA mode](#dma-mode)) |
+//! | 0x88 | [`regs::CHUNK_RANGES`] | RW | DMA mode: how many [`DmaRange`] entries the slot holds, 1..=[`MAX_DMA_RANGES`] |
+//! | 0x90 | [`regs::DMA_PROBE_ADDR_LO`] / `_HI` | RW | guest-physical address `CONTROL.DMA_PROBE` reads [`DMA_PROBE_SIZE`] bytes from |
+//! | 0x100..0x140 | [`regs::DMA_PROBE_DATA`] | RO | the bytes the last `DMA_PROBE` read (zeros if it failed), in memory order |
 //!
 //! ## Sessions
 //! A session is one crash: one dump file and one sidecar on the host. Its state is in
@@ -119,6 +123,31 @@
 //! and at most [`MAX_FINISHING_SESSIONS`] sessions still being made durable; a session opened
 //! beyond that is refused with [`ErrorCode::HostBusy`].
 //!
+//! ## DMA mode
+//! A card with [`cap::DMA`] can read a chunk's bytes straight from guest memory, so the guest
+//! need not copy them into the data window. The host reaches guest memory through the DMA
+//! mappings its hypervisor gives it (vfio-user `DMA_MAP`; QEMU passes a file descriptor only
+//! for RAM it can share, such as `memory-backend-memfd,share=on`), so DMA mode may be
+//! unavailable even when the capability is set, and the addresses the card sees are
+//! guest-physical only without a vIOMMU. A driver therefore **proves** DMA mode before using
+//! it, at start (PASSIVE_LEVEL): it writes a pattern of [`DMA_PROBE_SIZE`] bytes in its own
+//! non-paged memory (not crossing a page), puts the physical address in `DMA_PROBE_ADDR`,
+//! writes `CONTROL.DMA_PROBE`, and compares `DMA_PROBE_DATA` with its pattern. Only if they
+//! match does it use DMA mode; otherwise it stays in copy mode. A probe of an address the card
+//! cannot read latches [`ErrorCode::BadDma`] and leaves `DMA_PROBE_DATA` zero.
+//!
+//! A DMA chunk is described as in copy mode except that `CHUNK_FLAGS` has
+//! [`chunk_flags::DMA`], slot `CHUNK_SLOT` holds `CHUNK_RANGES` [`DmaRange`] entries (16 bytes
+//! each: guest-physical address, length, zero), and `CHUNK_LENGTH` is the sum of their lengths
+//! (up to the largest `u32`, not bounded by the slot). The card checks the list when the doorbell
+//! rings: a count out of range, an entry of length 0, nonzero reserved bits, lengths that do not
+//! add up to `CHUNK_LENGTH`, or a range not wholly inside guest memory mapped for DMA refuses the
+//! doorbell with `BAD_DMA` (`BAD_LENGTH` for the count and the sum). An accepted DMA doorbell
+//! owns its slot like any other; its turn in `COMPLETED` comes once the card has read every
+//! range and written the bytes. **The guest's buffer belongs to the card until then**: a
+//! DumpIo callback returns only once `COMPLETED` has passed its last DMA doorbell, because
+//! Windows may reuse the buffer as soon as the callback returns.
+//!
 //! ## Errors
 //! A refused command changes nothing on the host except the refusal count in the sidecar, sets
 //! `STATUS.ERROR` and, if no error is latched yet, latches its [`ErrorCode`] in `ERROR`. `ARM`,
@@ -169,7 +198,10 @@ pub const MAGIC_VALUE: u32 = u32::from_le_bytes(*b"CMON");
 /// doorbell and `COMPLETE`. A version 1 driver would read `FINISHING` as an unknown state.
 pub const ABI_VERSION_MAJOR: u16 = 2;
 /// ABI minor version: additions that an older driver can ignore.
-pub const ABI_VERSION_MINOR: u16 = 0;
+///
+/// Minor 1 added DMA mode ([`cap::DMA`], `CHUNK_FLAGS`, `CHUNK_RANGES`, the DMA probe and
+/// [`ErrorCode::BadDma`]); a driver that never sets `CHUNK_FLAGS` sees the card of 2.0.
+pub const ABI_VERSION_MINOR: u16 = 1;
 /// Value of the `VERSION` register.
 pub const ABI_VERSION: u32 = (ABI_VERSION_MAJOR as u32) << 16 | ABI_VERSION_MINOR as u32;
 
@@ -247,6 +279,20 @@ pub mod regs {
     pub const BYTES_WRITTEN_HI: u32 = 0x7C;
     /// RO: the host's monotonic clock in milliseconds, wrapping.
     pub const HOST_CLOCK_MS: u32 = 0x80;
+    /// RW: [`crate::chunk_flags`] of the chunk.
+    pub const CHUNK_FLAGS: u32 = 0x84;
+    /// RW: DMA mode: [`crate::DmaRange`] entries in the slot.
+    pub const CHUNK_RANGES: u32 = 0x88;
+    /// RW: guest-physical address of the DMA probe, low half.
+    pub const DMA_PROBE_ADDR_LO: u32 = 0x90;
+    /// RW: guest-physical address of the DMA probe, high half.
+    pub const DMA_PROBE_ADDR_HI: u32 = 0x94;
+    /// RO: the first of [`crate::DMA_PROBE_SIZE`] / 4 registers holding what the last
+    /// `DMA_PROBE` read, in memory order (register `DMA_PROBE_DATA + 4 * i` holds bytes
+    /// `4 * i .. 4 * i + 4`, little endian).
+    pub const DMA_PROBE_DATA: u32 = 0x100;
+    /// The first offset past the `DMA_PROBE_DATA` registers.
+    pub const DMA_PROBE_DATA_END: u32 = DMA_PROBE_DATA + crate::DMA_PROBE_SIZE as u32;
 
     /// Offset of `BUGCHECK_PARAMn_LO` for n in 0..4 (parameter 1 is n = 0).
     pub const fn bugcheck_param_lo(n: usize) -> u32 {
@@ -262,9 +308,65 @@ pub mod cap {
     pub const ANNOUNCE: u32 = 1 << 1;
     /// 64-bit accesses to `_LO` registers are accepted.
     pub const WIDE_ACCESS: u32 = 1 << 2;
+    /// DMA mode and `CONTROL.DMA_PROBE` are supported (whether DMA works in this VM is what the
+    /// probe tells).
+    pub const DMA: u32 = 1 << 3;
     /// Every capability this version of the card has.
-    pub const ALL: u32 = EXPLICIT_OFFSET | ANNOUNCE | WIDE_ACCESS;
+    pub const ALL: u32 = EXPLICIT_OFFSET | ANNOUNCE | WIDE_ACCESS | DMA;
 }
+
+/// Bits of the `CHUNK_FLAGS` register.
+pub mod chunk_flags {
+    /// The slot holds `CHUNK_RANGES` [`crate::DmaRange`] entries; the card reads the bytes
+    /// from guest memory.
+    pub const DMA: u32 = 1 << 0;
+    /// Every defined bit; a doorbell with any other bit set is refused with
+    /// [`crate::ErrorCode::BadDma`].
+    pub const ALL: u32 = DMA;
+}
+
+/// One entry of a DMA chunk's scatter list, as it lies in the slot (16 bytes, little endian).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[repr(C)]
+pub struct DmaRange {
+    /// Guest-physical address of the bytes.
+    pub address: u64,
+    /// How many bytes, at least 1.
+    pub length: u32,
+    /// Must be 0.
+    pub reserved: u32,
+}
+
+impl DmaRange {
+    /// Size of one entry in the slot.
+    pub const SIZE: usize = 16;
+
+    /// The entry's bytes, as the guest stores them in the slot.
+    pub const fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let a = self.address.to_le_bytes();
+        let l = self.length.to_le_bytes();
+        let r = self.reserved.to_le_bytes();
+        [
+            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], l[0], l[1], l[2], l[3], r[0], r[1],
+            r[2], r[3],
+        ]
+    }
+
+    /// Reads an entry from its 16 bytes.
+    pub const fn from_bytes(b: &[u8; Self::SIZE]) -> Self {
+        Self {
+            address: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            length: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            reserved: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        }
+    }
+}
+
+/// Entries one DMA doorbell may carry: 64 KiB of list, at least 16 MiB of scattered pages.
+pub const MAX_DMA_RANGES: u32 = 4096;
+
+/// Bytes `CONTROL.DMA_PROBE` reads.
+pub const DMA_PROBE_SIZE: usize = 64;
 
 /// Bits written to the `CONTROL` register. Several may be set at once; they act in bit order.
 pub mod control {
@@ -278,8 +380,11 @@ pub mod control {
     pub const ANNOUNCE: u32 = 1 << 3;
     /// Close an open session as incomplete; no-op when none is open.
     pub const ABORT: u32 = 1 << 4;
+    /// Read [`crate::DMA_PROBE_SIZE`] bytes at `DMA_PROBE_ADDR` into `DMA_PROBE_DATA`
+    /// ([`crate::cap::DMA`]); refused with [`crate::ErrorCode::BadDma`] if the card cannot.
+    pub const DMA_PROBE: u32 = 1 << 5;
     /// Every defined bit; writing any other bit is refused with [`crate::ErrorCode::BadCommand`].
-    pub const ALL: u32 = RESET | CLEAR_ERROR | ARM | ANNOUNCE | ABORT;
+    pub const ALL: u32 = RESET | CLEAR_ERROR | ARM | ANNOUNCE | ABORT | DMA_PROBE;
 }
 
 /// Bits of the `STATUS` register.
@@ -369,6 +474,10 @@ pub enum ErrorCode {
     /// stopped writing the dump (free disk, total size of the VM's dumps); the sidecar, if the
     /// session has one, says which. Bytes already written are kept.
     Quota = 12,
+    /// A DMA probe or a DMA chunk named memory the card cannot read (not mapped for DMA, or no
+    /// DMA in this VM), or its scatter list is malformed (undefined `CHUNK_FLAGS` bit, an entry
+    /// of length 0 or with reserved bits set).
+    BadDma = 13,
 }
 
 impl ErrorCode {
@@ -388,6 +497,7 @@ impl ErrorCode {
             10 => Self::SlotBusy,
             11 => Self::HostBusy,
             12 => Self::Quota,
+            13 => Self::BadDma,
             _ => return None,
         })
     }
@@ -408,6 +518,7 @@ impl ErrorCode {
             Self::SlotBusy => "slot-busy",
             Self::HostBusy => "host-busy",
             Self::Quota => "quota",
+            Self::BadDma => "bad-dma",
         }
     }
 }
@@ -488,7 +599,7 @@ mod tests {
                 assert_eq!(s as u32, v);
             }
         }
-        assert_eq!(ErrorCode::from_u32(13), None);
+        assert_eq!(ErrorCode::from_u32(14), None);
         assert_eq!(SessionState::from_status(status::GONE), None);
         assert_eq!(DumpIoType::from_u32(5), None);
     }
@@ -525,6 +636,12 @@ mod tests {
             regs::BYTES_WRITTEN_LO,
             regs::BYTES_WRITTEN_HI,
             regs::HOST_CLOCK_MS,
+            regs::CHUNK_FLAGS,
+            regs::CHUNK_RANGES,
+            regs::DMA_PROBE_ADDR_LO,
+            regs::DMA_PROBE_ADDR_HI,
+            regs::DMA_PROBE_DATA,
+            regs::DMA_PROBE_DATA + DMA_PROBE_SIZE as u32 - 4,
         ];
         for (i, a) in all.iter().enumerate() {
             assert_eq!(a % 4, 0);
@@ -532,5 +649,15 @@ mod tests {
             assert!(all[i + 1..].iter().all(|b| b != a));
         }
         assert_eq!(regs::bugcheck_param_lo(3), regs::BUGCHECK_PARAM4_LO);
+    }
+
+    #[test]
+    fn dma_ranges_round_trip_and_fill_the_slot_whole() {
+        let r = DmaRange { address: 0x1234_5678_9ABC_DEF0, length: 0x1000, reserved: 0 };
+        assert_eq!(DmaRange::from_bytes(&r.to_bytes()), r);
+        assert_eq!(&r.to_bytes()[..8], &0x1234_5678_9ABC_DEF0u64.to_le_bytes());
+        assert_eq!(core::mem::size_of::<DmaRange>(), DmaRange::SIZE);
+        assert!(MAX_DMA_RANGES as usize * DmaRange::SIZE <= SLOT_SIZE as usize);
+        assert_eq!(DMA_PROBE_SIZE % 4, 0);
     }
 }

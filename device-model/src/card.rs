@@ -16,9 +16,11 @@ use crate::capture::{
     BugCheckInfo, BugCheckSource, CaptureConfig, ChunkError, Closing, Finished, Placement,
 };
 use crate::data_window::{DataWindow, SlotOwner};
+use crate::dma::{DmaError, DmaPiece, GuestMemory};
 use crate::events::Event;
 use crashmon_card_abi::{
-    self as abi, cap, control, regs, status, DumpIoType, ErrorCode, SessionState,
+    self as abi, cap, chunk_flags, control, regs, status, DmaRange, DumpIoType, ErrorCode,
+    SessionState,
 };
 use log::{debug, error, info, warn};
 use std::collections::BTreeMap;
@@ -82,6 +84,8 @@ struct Chunk {
     length: u32,
     kind: u32,
     slot: u32,
+    flags: u32,
+    ranges: u32,
 }
 
 /// The card: register file, session state, and the writers of sessions still being finished.
@@ -97,6 +101,11 @@ pub struct CrashMonitorCard {
     bugcheck_code: u32,
     bugcheck_params: [u64; 4],
     chunk: Chunk,
+    /// The guest memory QEMU mapped for DMA mode.
+    dma: GuestMemory,
+    dma_probe_addr: u64,
+    /// What the last `DMA_PROBE` read.
+    dma_probe_data: [u8; abi::DMA_PROBE_SIZE],
     /// The latest session (open or finishing): BYTES_WRITTEN and I/O errors come from it.
     current: Option<Arc<Progress>>,
     /// Writers whose close is queued, until they end, with the order their sessions opened in.
@@ -125,6 +134,9 @@ impl CrashMonitorCard {
             bugcheck_code: 0,
             bugcheck_params: [0; 4],
             chunk: Chunk::default(),
+            dma: GuestMemory::default(),
+            dma_probe_addr: 0,
+            dma_probe_data: [0; abi::DMA_PROBE_SIZE],
             current: None,
             finishing: Vec::new(),
             opened: 0,
@@ -138,6 +150,23 @@ impl CrashMonitorCard {
     /// The data window behind BAR2.
     pub fn window(&self) -> &DataWindow {
         &self.window
+    }
+
+    /// `DMA_MAP` from QEMU: guest memory the card may read in DMA mode.
+    pub fn dma_map(
+        &mut self,
+        iova: u64,
+        size: u64,
+        offset: u64,
+        file: Option<std::fs::File>,
+        readable: bool,
+    ) -> Result<(), DmaError> {
+        self.dma.map(iova, size, offset, file, readable)
+    }
+
+    /// `DMA_UNMAP` from QEMU. Chunks already accepted keep reading what they resolved.
+    pub fn dma_unmap(&mut self, iova: u64, size: u64, all: bool) -> Result<(), DmaError> {
+        self.dma.unmap(iova, size, all)
     }
 
     /// The session state, as `STATUS` shows it.
@@ -238,6 +267,8 @@ impl CrashMonitorCard {
     /// The VM went away (QEMU exited or the connection broke).
     pub fn disconnect(&mut self) {
         self.reset("VM disconnected while the dump was streaming");
+        // The next client's memory is its own: its mappings come with it.
+        self.dma = GuestMemory::default();
     }
 
     /// The device model is stopping: the open session is closed as incomplete. Its writer and
@@ -323,6 +354,15 @@ impl CrashMonitorCard {
             regs::BYTES_WRITTEN_HI => (self.bytes_written() >> 32) as u32,
             // Wraps after 49 days; the driver only ever looks at differences.
             regs::HOST_CLOCK_MS => self.clock.elapsed().as_millis() as u32,
+            regs::CHUNK_FLAGS => self.chunk.flags,
+            regs::CHUNK_RANGES => self.chunk.ranges,
+            regs::DMA_PROBE_ADDR_LO => self.dma_probe_addr as u32,
+            regs::DMA_PROBE_ADDR_HI => (self.dma_probe_addr >> 32) as u32,
+            o @ regs::DMA_PROBE_DATA..regs::DMA_PROBE_DATA_END if o % 4 == 0 => {
+                let at = (o - regs::DMA_PROBE_DATA) as usize;
+                let b = self.dma_probe_data.get(at..at + 4)?;
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            }
             _ => return None,
         })
     }
@@ -347,6 +387,10 @@ impl CrashMonitorCard {
             regs::CHUNK_LENGTH => self.chunk.length = v,
             regs::CHUNK_TYPE => self.chunk.kind = v,
             regs::CHUNK_SLOT => self.chunk.slot = v,
+            regs::CHUNK_FLAGS => self.chunk.flags = v,
+            regs::CHUNK_RANGES => self.chunk.ranges = v,
+            regs::DMA_PROBE_ADDR_LO => set_lo(&mut self.dma_probe_addr, v),
+            regs::DMA_PROBE_ADDR_HI => set_hi(&mut self.dma_probe_addr, v),
             regs::DOORBELL => {
                 let seq = self.rung;
                 self.rung = self.rung.wrapping_add(1);
@@ -418,6 +462,58 @@ impl CrashMonitorCard {
         {
             self.state = CardState::Aborted;
         }
+        if v & control::DMA_PROBE != 0 {
+            // 64 bytes of guest RAM through the page cache: no disk, answered at once.
+            self.dma_probe_data = [0; abi::DMA_PROBE_SIZE];
+            let mut data = [0; abi::DMA_PROBE_SIZE];
+            match self.dma.read(self.dma_probe_addr, &mut data) {
+                Ok(()) => {
+                    self.dma_probe_data = data;
+                    debug!(
+                        "VM {}: DMA probe at {:#x} read",
+                        self.capture.vm_name, self.dma_probe_addr
+                    );
+                }
+                Err(e) => {
+                    info!(
+                        "VM {}: DMA probe refused ({e}); the driver stays in copy mode",
+                        self.capture.vm_name
+                    );
+                    self.refuse(ErrorCode::BadDma, "dma probe");
+                }
+            }
+        }
+    }
+
+    /// Reads and checks a DMA chunk's scatter list from its slot, and resolves every range to
+    /// guest memory, as the doorbell rings: a list the guest changes afterwards changes nothing.
+    fn dma_pieces(&self, chunk: &Chunk) -> Result<Vec<DmaPiece>, ErrorCode> {
+        if chunk.ranges == 0 || chunk.ranges > abi::MAX_DMA_RANGES || chunk.length == 0 {
+            return Err(ErrorCode::BadLength);
+        }
+        let mut list = vec![0u8; chunk.ranges as usize * DmaRange::SIZE];
+        self.window
+            .read(chunk.slot as u64 * abi::SLOT_SIZE as u64, &mut list)
+            .ok_or(ErrorCode::BadSlot)?;
+        let mut pieces = Vec::new();
+        let mut total = 0u64;
+        for entry in list.chunks_exact(DmaRange::SIZE) {
+            let range = DmaRange::from_bytes(entry.try_into().map_err(|_| ErrorCode::BadDma)?);
+            if range.length == 0 || range.reserved != 0 {
+                return Err(ErrorCode::BadDma);
+            }
+            total += range.length as u64;
+            if total > chunk.length as u64 {
+                return Err(ErrorCode::BadLength);
+            }
+            self.dma
+                .resolve(range.address, range.length, &mut pieces)
+                .map_err(|_| ErrorCode::BadDma)?;
+        }
+        if total != chunk.length as u64 {
+            return Err(ErrorCode::BadLength);
+        }
+        Ok(pieces)
     }
 
     /// Acts on the chunk described by the CHUNK_* registers: doorbell number `seq` since reset.
@@ -442,13 +538,18 @@ impl CrashMonitorCard {
         if chunk.slot >= abi::SLOT_COUNT {
             return Err(ErrorCode::BadSlot);
         }
+        if chunk.flags & !chunk_flags::ALL != 0 {
+            return Err(ErrorCode::BadDma);
+        }
+        let dma = chunk.flags & chunk_flags::DMA != 0;
         let len = chunk.length as usize;
-        if len == 0 || len > abi::SLOT_SIZE as usize {
+        if len == 0 || (!dma && len > abi::SLOT_SIZE as usize) {
             return Err(ErrorCode::BadLength);
         }
         if self.window.is_owned(chunk.slot) {
             return Err(ErrorCode::SlotBusy);
         }
+        let pieces = if dma { Some(self.dma_pieces(&chunk)?) } else { None };
         let explicit = chunk.offset != abi::OFFSET_SEQUENTIAL;
         let max = self.capture.max_dump_size;
         // Placed before a session is opened for it, so a bad first chunk opens no file.
@@ -471,7 +572,8 @@ impl CrashMonitorCard {
         if !self.window.claim(chunk.slot, SlotOwner { epoch: self.epoch, seq }) {
             return Err(ErrorCode::SlotBusy);
         }
-        let job = WriteJob { slot: chunk.slot, len: chunk.length, kind, start, explicit };
+        let job =
+            WriteJob { slot: chunk.slot, len: chunk.length, kind, start, explicit, dma: pieces };
         if !session.writer.write(job) {
             self.window.release(chunk.slot);
             return Err(ErrorCode::HostIo);
@@ -631,7 +733,8 @@ fn is_wide(offset: u64) -> bool {
             | regs::BUGCHECK_PARAM3_LO
             | regs::BUGCHECK_PARAM4_LO
             | regs::CHUNK_OFFSET_LO
-            | regs::BYTES_WRITTEN_LO)
+            | regs::BYTES_WRITTEN_LO
+            | regs::DMA_PROBE_ADDR_LO)
     )
 }
 
@@ -760,6 +863,105 @@ mod tests {
         let data = std::fs::read(&rig.card.finished()[0].dump_path).unwrap();
         assert_eq!(data.len(), 350);
         assert!(data[..100].iter().all(|&b| b == 1) && data[300..].iter().all(|&b| b == 3));
+    }
+
+    /// Guest "RAM" for DMA tests: 64 KiB at guest-physical 0x10_0000, byte i = i * 7 + 1.
+    fn guest_ram(rig: &mut Rig) -> Vec<u8> {
+        use std::io::Write;
+        let ram: Vec<u8> = (0..0x10000u32).map(|i| (i * 7 + 1) as u8).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&ram).unwrap();
+        rig.card.dma_map(0x10_0000, 0x10000, 0, Some(f), true).unwrap();
+        ram
+    }
+
+    /// A DMA doorbell: `ranges` in `slot`, `length` as given.
+    fn dma_chunk(rig: &mut Rig, slot: u32, ranges: &[DmaRange], length: u32) {
+        rig.wait_slot(slot);
+        let list: Vec<u8> = ranges.iter().flat_map(|r| r.to_bytes()).collect();
+        rig.card.window().write(slot as u64 * abi::SLOT_SIZE as u64, &list).unwrap();
+        rig.card.write(regs::CHUNK_OFFSET_LO as u64, &abi::OFFSET_SEQUENTIAL.to_le_bytes());
+        rig.w(regs::CHUNK_LENGTH, length);
+        rig.w(regs::CHUNK_TYPE, DumpIoType::Body as u32);
+        rig.w(regs::CHUNK_SLOT, slot);
+        rig.w(regs::CHUNK_FLAGS, chunk_flags::DMA);
+        rig.w(regs::CHUNK_RANGES, ranges.len() as u32);
+        rig.w(regs::DOORBELL, 1);
+    }
+
+    fn range(address: u64, length: u32) -> DmaRange {
+        DmaRange { address, length, reserved: 0 }
+    }
+
+    #[test]
+    fn dma_probe_reads_guest_memory_or_refuses() {
+        let mut rig = Rig::new(1 << 20);
+        assert_ne!(rig.r(regs::CAPABILITIES) & cap::DMA, 0);
+        rig.card.write(regs::DMA_PROBE_ADDR_LO as u64, &0x10_0040u64.to_le_bytes());
+        rig.w(regs::CONTROL, control::DMA_PROBE);
+        assert_eq!(rig.error(), ErrorCode::BadDma, "no memory mapped yet");
+        assert_eq!(rig.r(regs::DMA_PROBE_DATA), 0);
+        let ram = guest_ram(&mut rig);
+        rig.w(regs::CONTROL, control::CLEAR_ERROR | control::DMA_PROBE);
+        assert_eq!(rig.error(), ErrorCode::None);
+        for i in 0..abi::DMA_PROBE_SIZE / 4 {
+            let want = u32::from_le_bytes(ram[0x40 + 4 * i..0x44 + 4 * i].try_into().unwrap());
+            assert_eq!(rig.r(regs::DMA_PROBE_DATA + 4 * i as u32), want);
+        }
+        // Past the end of the mapping: refused, and the data reads zero again.
+        rig.w(regs::DMA_PROBE_ADDR_LO, 0x10_FFF0);
+        rig.w(regs::CONTROL, control::DMA_PROBE);
+        assert_eq!(rig.error(), ErrorCode::BadDma);
+        assert_eq!(rig.r(regs::DMA_PROBE_DATA), 0);
+        rig.card.disconnect();
+        rig.w(regs::DMA_PROBE_ADDR_LO, 0x10_0040);
+        rig.w(regs::CONTROL, control::DMA_PROBE);
+        assert_eq!(rig.error(), ErrorCode::BadDma, "a new client brings its own mappings");
+    }
+
+    #[test]
+    fn dma_chunks_come_from_guest_memory_and_bad_lists_are_refused() {
+        let mut rig = Rig::new(1 << 20);
+        let ram = guest_ram(&mut rig);
+        rig.w(regs::CONTROL, control::ARM);
+        // Two ranges out of order in guest memory, then a copy-mode chunk after them.
+        dma_chunk(&mut rig, 0, &[range(0x10_2000, 0x3000), range(0x10_0100, 0x10)], 0x3010);
+        assert_eq!(rig.error(), ErrorCode::None);
+        rig.w(regs::CHUNK_FLAGS, 0);
+        rig.chunk(1, DumpIoType::Body, abi::OFFSET_SEQUENTIAL, &[9; 5]);
+        let bad: [(&[DmaRange], u32, ErrorCode); 7] = [
+            (&[range(0x10_F000, 0x1001)], 0x1001, ErrorCode::BadDma), // past the mapping
+            (&[range(0x20_0000, 1)], 1, ErrorCode::BadDma),           // not mapped
+            (&[range(0x10_0000, 0)], 1, ErrorCode::BadDma),           // empty entry
+            (&[DmaRange { reserved: 1, ..range(0x10_0000, 1) }], 1, ErrorCode::BadDma),
+            (&[range(0x10_0000, 8)], 9, ErrorCode::BadLength), // lengths do not add up
+            (&[range(0x10_0000, 8)], 7, ErrorCode::BadLength),
+            (&[], 1, ErrorCode::BadLength), // no entry
+        ];
+        for (ranges, length, code) in bad {
+            rig.w(regs::CONTROL, control::CLEAR_ERROR);
+            dma_chunk(&mut rig, 2, ranges, length);
+            assert_eq!(rig.error(), code, "{ranges:?} {length}");
+        }
+        rig.w(regs::CONTROL, control::CLEAR_ERROR);
+        rig.w(regs::CHUNK_FLAGS, 1 << 7);
+        rig.w(regs::DOORBELL, 1);
+        assert_eq!(rig.error(), ErrorCode::BadDma, "an undefined flag");
+        rig.w(regs::CHUNK_FLAGS, chunk_flags::DMA);
+        rig.w(regs::CHUNK_RANGES, abi::MAX_DMA_RANGES + 1);
+        rig.w(regs::CONTROL, control::CLEAR_ERROR);
+        rig.w(regs::DOORBELL, 1);
+        assert_eq!(rig.error(), ErrorCode::BadLength, "too many entries");
+        rig.w(regs::CHUNK_FLAGS, 0);
+        rig.complete();
+        rig.settle();
+        let sc = rig.sidecar(0);
+        assert_eq!((sc.chunks, sc.dma_chunks, sc.bytes_received), (2, 1, 0x3015));
+        let data = std::fs::read(&rig.card.finished()[0].dump_path).unwrap();
+        assert_eq!(&data[..0x3000], &ram[0x2000..0x5000]);
+        assert_eq!(&data[0x3000..0x3010], &ram[0x100..0x110]);
+        assert_eq!(&data[0x3010..], &[9; 5]);
+        assert_eq!(sc.rejected_chunks, 9);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! * [`card`]: the card's behaviour (register file, session state machine);
 //! * [`capture`]: dump files, reassembly and sidecars;
 //! * [`data_window`]: BAR2's shared memory;
+//! * [`dma`]: the guest memory QEMU maps for the card (DMA mode);
 //! * [`events`]: JSON event lines and the operator's hooks;
 //! * [`pci_config`] and [`vfio`]: bus plumbing;
 //! * [`size`]: parsing sizes given on the command line;
@@ -12,6 +13,7 @@
 pub mod capture;
 pub mod card;
 pub mod data_window;
+pub mod dma;
 pub mod events;
 pub mod pci_config;
 pub mod sandbox;

@@ -3,7 +3,8 @@
 //! Regions follow the vfio PCI layout (BAR0..BAR5, ROM, config, VGA). BAR0 traps every access to
 //! [`CrashMonitorCard`]; BAR2 is offered as one sparse-mmap area backed by the data window's
 //! memfd, so QEMU maps it into the guest and only falls back to region reads and writes if it
-//! cannot. The card has no interrupts and needs no DMA: DMA maps are accepted and dropped.
+//! cannot. The card has no interrupts. DMA maps go to the card's [`crate::dma::GuestMemory`],
+//! which checks them; a refused one is an error reply, never a panic.
 
 use crate::card::CrashMonitorCard;
 use crate::pci_config::{PciConfigSpace, CONFIG_SPACE_SIZE};
@@ -149,15 +150,21 @@ impl ServerBackend for CardBackend {
         offset: u64,
         address: u64,
         size: u64,
-        _fd: Option<File>,
+        fd: Option<File>,
     ) -> io::Result<()> {
-        debug!("dma map ignored: {flags:?} iova {address:#x} size {size:#x} offset {offset:#x}");
-        Ok(())
+        debug!("dma map: {flags:?} iova {address:#x} size {size:#x} offset {offset:#x}");
+        let readable = flags.contains(DmaMapFlags::READ);
+        lock(&self.card)
+            .dma_map(address, size, offset, fd, readable)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
     }
 
     fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
-        debug!("dma unmap ignored: {flags:?} iova {address:#x} size {size:#x}");
-        Ok(())
+        debug!("dma unmap: {flags:?} iova {address:#x} size {size:#x}");
+        let all = flags.contains(DmaUnmapFlags::UNMAP_ALL);
+        lock(&self.card)
+            .dma_unmap(address, size, all)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
     }
 
     fn reset(&mut self) -> io::Result<()> {

@@ -165,6 +165,10 @@ pub struct Sidecar {
     /// [`Sidecar::size`].
     #[serde(default)]
     pub allocated_bytes: Option<u64>,
+    /// Chunks the card read from guest memory itself (DMA mode) rather than from the data
+    /// window; they are counted in [`Sidecar::chunks`] too.
+    #[serde(default)]
+    pub dma_chunks: u64,
 }
 
 /// Sidecar times: written as RFC 3339 in UTC with milliseconds (`2026-11-23T10:12:13.456Z`), the

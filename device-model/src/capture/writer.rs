@@ -26,6 +26,7 @@ use super::quota;
 use super::{Closing, Finished, Session, SessionName};
 use crate::capture::{BugCheckInfo, CaptureConfig};
 use crate::data_window::DataWindow;
+use crate::dma::DmaPiece;
 use crate::events::{DumpFields, Event};
 use crashmon_card_abi::ErrorCode;
 use crashmon_card_abi::{DumpIoType, SLOT_COUNT, SLOT_SIZE};
@@ -40,12 +41,14 @@ use std::time::{Duration, Instant};
 /// Queue entries: one per slot (a slot is claimed by at most one queued write) and the close.
 const QUEUE_DEPTH: usize = SLOT_COUNT as usize + 1;
 
-/// One chunk for the writer: its bytes are in `slot`, which it owns until they are written.
-#[derive(Clone, Copy, Debug)]
+/// One chunk for the writer: its bytes are in `slot` (or, in DMA mode, in guest memory that
+/// `slot`'s scatter list named), which it owns until they are written.
+#[derive(Clone, Debug)]
 pub struct WriteJob {
-    /// The slot holding the bytes.
+    /// The slot holding the bytes, or the scatter list.
     pub slot: u32,
-    /// How many bytes (1..=SLOT_SIZE, checked by the card).
+    /// How many bytes (1..=SLOT_SIZE in copy mode, the sum of the pieces in DMA mode; checked
+    /// by the card).
     pub len: u32,
     /// What they are.
     pub kind: DumpIoType,
@@ -53,6 +56,8 @@ pub struct WriteJob {
     pub start: u64,
     /// Whether the guest gave the offset (rather than Offset -1).
     pub explicit: bool,
+    /// DMA mode: the guest memory holding the bytes, resolved and checked by the card.
+    pub dma: Option<Vec<DmaPiece>>,
 }
 
 enum Job {
@@ -210,6 +215,60 @@ impl FinishingSession {
     }
 }
 
+/// Why a job's bytes did not reach the file.
+enum JobError {
+    /// The bytes could not be had (recorded in the sidecar; the session goes on).
+    Lost(&'static str),
+    /// The file could not take them (`HOST_IO`).
+    Io(io::Error),
+}
+
+/// Writes one job's bytes into the dump, through `buffer`: copy mode from the job's slot, DMA
+/// mode from the guest memory the card resolved, a slot's worth at a time.
+///
+/// The bytes go through the writer's own buffer rather than straight from shared memory into
+/// the file, so that the zero-page test, the hash and the file all see the same bytes even if
+/// the guest changes them meanwhile (a guest that does spoils only its own dump, and the
+/// sidecar's hash still matches the file). Guest memory is read with `pread` on the file QEMU
+/// shared, so none of it is mapped into the device model.
+fn write_job(
+    s: &mut Session,
+    job: &WriteJob,
+    window: &DataWindow,
+    buffer: &mut Vec<u8>,
+) -> Result<(), JobError> {
+    let Some(pieces) = &job.dma else {
+        let len = (job.len as usize).min(SLOT_SIZE as usize);
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        let data = &mut buffer[..len];
+        window
+            .copy_out(job.slot, data)
+            .ok_or(JobError::Lost("a chunk named a slot outside the window"))?;
+        return s.write(job.kind, job.start, job.explicit, data).map_err(JobError::Io);
+    };
+    let mut at = job.start;
+    for piece in pieces {
+        let mut done = 0;
+        while done < piece.len() {
+            let n = (piece.len() - done).min(SLOT_SIZE as usize);
+            if buffer.len() < n {
+                buffer.resize(n, 0);
+            }
+            let data = &mut buffer[..n];
+            piece
+                .read(done, data)
+                .map_err(|_| JobError::Lost("guest memory of a DMA chunk could not be read"))?;
+            s.write_part(job.kind, at, job.explicit, data).map_err(JobError::Io)?;
+            at += n as u64;
+            done += n;
+        }
+    }
+    s.count_chunk(true);
+    Ok(())
+}
+
 /// How often a streaming session reports its progress as an event.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
@@ -253,10 +312,8 @@ fn run(
             }
         }
     };
-    // The writer's own copy of a slot: the guest cannot change bytes between the file write and
-    // the hash, and the slot is free again as soon as the bytes are in the file. It grows to the
-    // longest chunk seen (at most a slot), so a session of small chunks does not zero a whole
-    // slot's worth first.
+    // The writer's staging buffer (see `write_job`). It grows to the longest piece seen (at most
+    // a slot), so a session of small chunks does not zero a whole slot's worth first.
     let mut buffer = Vec::new();
     let mut last_progress = Instant::now();
     let mut keep_applied = false;
@@ -270,15 +327,10 @@ fn run(
                         warn!("VM {}: cannot apply --keep: {e}", config.vm_name);
                     }
                 }
-                let len = (job.len as usize).min(SLOT_SIZE as usize);
-                if buffer.len() < len {
-                    buffer.resize(len, 0);
-                }
-                let data = &mut buffer[..len];
-                let copied = window.copy_out(job.slot, data).is_some();
                 if let (Some(s), Some(room), None) = (&session, &mut room, &stopped) {
-                    let new_size = s.size().max(job.start.saturating_add(data.len() as u64));
-                    match room.check_write(config, new_size, data.len() as u64) {
+                    let len = job.len as u64;
+                    let new_size = s.size().max(job.start.saturating_add(len));
+                    match room.check_write(config, new_size, len) {
                         Ok(None) => {}
                         Ok(Some(why)) => {
                             error!("VM {}: dump stopped: {why}", config.vm_name);
@@ -292,18 +344,18 @@ fn run(
                 match session.as_mut() {
                     // A dump the limits stopped takes no more bytes; its slots are still freed.
                     Some(_) if stopped.is_some() => {}
-                    Some(s) if copied => match s.write(job.kind, job.start, job.explicit, data) {
+                    Some(s) => match write_job(s, &job, window, &mut buffer) {
                         Ok(()) => {
                             progress.bytes_written.store(s.bytes_received(), Ordering::Release)
                         }
-                        Err(e) => {
+                        Err(JobError::Lost(what)) => s.note_lost(what),
+                        Err(JobError::Io(e)) => {
                             // Once per session: a full disk fails every chunk that follows.
                             if progress.set_error(ErrorCode::HostIo) {
                                 error!("VM {}: writing the dump failed: {e}", config.vm_name);
                             }
                         }
                     },
-                    Some(s) => s.note_lost("a chunk named a slot outside the window"),
                     None => {}
                 }
                 window.release(job.slot);
