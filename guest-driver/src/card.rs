@@ -1,9 +1,19 @@
 //! Driving the card: probe, arm, announce, and stream `KBUGCHECK_DUMP_IO` buffers through the
-//! data window's slots and the doorbell.
+//! data window's slots and the doorbell, either copying each buffer into a slot (copy mode) or,
+//! once the card has proved it can read the driver's memory, describing it as physical ranges
+//! that the card reads itself (DMA mode; see the datasheet's "DMA mode").
 
 use crashmon_card_abi::{
-    self as abi, control, regs, status, DumpIoType, ErrorCode, SessionState, OFFSET_SEQUENTIAL,
+    self as abi, cap, chunk_flags, control, regs, status, DmaRange, DumpIoType, ErrorCode,
+    SessionState, DMA_PROBE_SIZE, OFFSET_SEQUENTIAL,
 };
+
+/// The page size physical ranges are built in: `MmGetPhysicalAddress` translates one page at a
+/// time, so a buffer is walked page by page and physically contiguous pages are merged.
+const PAGE_SIZE: usize = 0x1000;
+
+/// The largest length one DMA doorbell carries (whole pages, below 4 GiB).
+const DMA_MAX_CHUNK: u32 = 1 << 30;
 
 /// How many polls in a row may read the same `HOST_CLOCK_MS` before the driver decides the
 /// host's clock is frozen and gives up. The clock ticks every millisecond and a poll takes
@@ -24,6 +34,34 @@ pub trait CardIo {
     /// Copies `data` into the data window (BAR2) at `offset`. The card guarantees
     /// `offset + data.len()` is within BAR2.
     fn write_window(&self, offset: usize, data: &[u8]);
+
+    /// `MmGetPhysicalAddress`: the physical address of the resident byte at virtual address
+    /// `va`, or 0 if it has none. Windows documents it as callable at any IRQL for a valid
+    /// non-paged address; it is the one kernel routine the bug-check path may reach, and only
+    /// in DMA mode. The default knows no physical address, which keeps the driver in copy mode.
+    fn get_physical_address(&self, va: usize) -> u64 {
+        let _ = va;
+        0
+    }
+}
+
+/// The driver's DMA probe buffer: [`DMA_PROBE_SIZE`] bytes aligned to their size, so that they
+/// never cross a page. It must be resident (a non-paged static on Windows).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaProbeBuffer(pub [u8; DMA_PROBE_SIZE]);
+
+impl DmaProbeBuffer {
+    /// A zeroed buffer.
+    pub const fn new() -> Self {
+        Self([0; DMA_PROBE_SIZE])
+    }
+}
+
+impl Default for DmaProbeBuffer {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// What went wrong talking to the card.
@@ -59,6 +97,10 @@ pub struct Card<Io: CardIo> {
     rung: u32,
     /// The last COMPLETED value read.
     completed: u32,
+    /// DMA mode was proved by [`Card::prove_dma`].
+    dma: bool,
+    /// What `CHUNK_FLAGS` holds (written only when it changes: each write is an exit).
+    flags: u32,
 }
 
 impl<Io: CardIo> Card<Io> {
@@ -80,7 +122,7 @@ impl<Io: CardIo> Card<Io> {
             return Err(CardError::BadGeometry);
         }
         let completed = io.read_register(regs::COMPLETED);
-        Ok(Self { io, slot_count, slot_size, rung: completed, completed })
+        Ok(Self { io, slot_count, slot_size, rung: completed, completed, dma: false, flags: 0 })
     }
 
     /// The register access this card was probed with.
@@ -93,6 +135,48 @@ impl<Io: CardIo> Card<Io> {
         self.io.write_register(regs::CONTROL, control::RESET);
         self.rung = 0;
         self.completed = 0;
+        self.flags = 0; // RESET clears the chunk registers
+    }
+
+    /// Whether DMA mode is in use.
+    pub fn dma(&self) -> bool {
+        self.dma
+    }
+
+    /// Proves DMA mode (at start, PASSIVE_LEVEL, before [`Card::arm`], which clears the error a
+    /// failed probe latches): writes a pattern into `buffer`, asks the card to read it by
+    /// physical address, and turns DMA mode on only if the card read back exactly the pattern.
+    /// A card without [`cap::DMA`], memory the host cannot read (no shared guest RAM), or a
+    /// vIOMMU that makes the card's addresses differ from physical ones all leave copy mode.
+    /// `seed` varies the pattern (the caller passes something that changes between boots).
+    pub fn prove_dma(&mut self, buffer: &mut DmaProbeBuffer, seed: u32) -> bool {
+        self.dma = false;
+        if self.io.read_register(regs::CAPABILITIES) & cap::DMA == 0 {
+            return false;
+        }
+        let mut x = seed ^ 0x9E37_79B9;
+        for b in buffer.0.iter_mut() {
+            // xorshift32: every byte differs from a zeroed or stale read.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        let pa = self.io.get_physical_address(buffer.0.as_ptr() as usize);
+        if pa == 0 {
+            return false;
+        }
+        self.io.write_register(regs::DMA_PROBE_ADDR_LO, pa as u32);
+        self.io.write_register(regs::DMA_PROBE_ADDR_HI, (pa >> 32) as u32);
+        self.io.write_register(regs::CONTROL, control::DMA_PROBE);
+        if self.check().is_err() {
+            return false;
+        }
+        self.dma = buffer.0.chunks_exact(4).enumerate().all(|(i, want)| {
+            let got = self.io.read_register(regs::DMA_PROBE_DATA + 4 * i as u32);
+            got.to_le_bytes() == *want
+        });
+        self.dma
     }
 
     /// Readies the card for a crash.
@@ -136,10 +220,25 @@ impl<Io: CardIo> Card<Io> {
         buffer: &[u8],
     ) -> Result<(), CardError> {
         if kind == DumpIoType::Complete {
+            self.set_flags(0);
             self.describe(0, 0, kind, 0);
             self.ring();
             return self.check_complete();
         }
+        if self.dma {
+            return self.dump_io_dma(offset, kind, buffer);
+        }
+        self.dump_io_copy(offset, kind, buffer)
+    }
+
+    /// Copy mode: the buffer goes into the slots, a slot's worth per doorbell.
+    fn dump_io_copy(
+        &mut self,
+        offset: u64,
+        kind: DumpIoType,
+        buffer: &[u8],
+    ) -> Result<(), CardError> {
+        self.set_flags(0);
         // No indexing that could panic: a panic here would itself bug check (KeBugCheckEx) in
         // the middle of the dump. `split_at_checked` cannot fail for `len <= rest.len()`.
         let mut done = 0usize;
@@ -160,6 +259,111 @@ impl<Io: CardIo> Card<Io> {
             rest = tail;
         }
         Ok(())
+    }
+
+    /// DMA mode: the buffer is described page by page as physical ranges (physically
+    /// contiguous pages merged) in a slot's scatter list, and the card reads it from memory.
+    /// Bug-check path: no allocation (the list is written entry by entry into the slot), and
+    /// `MmGetPhysicalAddress` is the only kernel routine called. Windows may reuse the buffer as
+    /// soon as this returns, so it returns only once the card has finished every doorbell it
+    /// rang. A page with no physical address sends the rest of the buffer in copy mode; a
+    /// doorbell the card refuses as `BAD_DMA` does too, and ends DMA mode.
+    fn dump_io_dma(
+        &mut self,
+        offset: u64,
+        kind: DumpIoType,
+        buffer: &[u8],
+    ) -> Result<(), CardError> {
+        let max_entries = abi::MAX_DMA_RANGES.min(self.slot_size / DmaRange::SIZE as u32);
+        let start = buffer.as_ptr() as usize;
+        let mut done = 0usize;
+        let mut fallback = false;
+        while done < buffer.len() && !fallback {
+            let slot = self.free_slot()?;
+            let list = slot as usize * self.slot_size as usize;
+            let chunk_start = done;
+            let mut entries = 0u32;
+            let mut pending: Option<DmaRange> = None;
+            while done < buffer.len() {
+                let va = start.wrapping_add(done);
+                let n = (PAGE_SIZE - va % PAGE_SIZE).min(buffer.len() - done);
+                if (done - chunk_start) + n > DMA_MAX_CHUNK as usize {
+                    break;
+                }
+                let pa = self.io.get_physical_address(va);
+                if pa == 0 {
+                    fallback = true;
+                    break;
+                }
+                match pending.as_mut() {
+                    Some(r) if r.address.wrapping_add(r.length as u64) == pa => {
+                        r.length += n as u32;
+                    }
+                    _ => {
+                        if let Some(r) = pending.take() {
+                            self.io.write_window(
+                                list + entries as usize * DmaRange::SIZE,
+                                &r.to_bytes(),
+                            );
+                            entries += 1;
+                        }
+                        if entries == max_entries {
+                            break;
+                        }
+                        pending = Some(DmaRange { address: pa, length: n as u32, reserved: 0 });
+                    }
+                }
+                done += n;
+            }
+            if let Some(r) = pending.take() {
+                self.io.write_window(list + entries as usize * DmaRange::SIZE, &r.to_bytes());
+                entries += 1;
+            }
+            if entries == 0 {
+                break;
+            }
+            let chunk_offset = if offset == OFFSET_SEQUENTIAL {
+                OFFSET_SEQUENTIAL
+            } else {
+                offset.wrapping_add(chunk_start as u64)
+            };
+            self.set_flags(chunk_flags::DMA);
+            self.io.write_register(regs::CHUNK_RANGES, entries);
+            self.describe(chunk_offset, (done - chunk_start) as u32, kind, slot);
+            self.ring();
+            // A range the card cannot read (memory it was not given) refuses the doorbell
+            // before it takes any byte: this chunk and the rest go in copy mode, and so does
+            // every later buffer. Reading STATUS also waits for the posted writes above.
+            let status = self.io.read_register(regs::STATUS);
+            if status != status::GONE
+                && status & status::ERROR != 0
+                && self.io.read_register(regs::ERROR) == ErrorCode::BadDma as u32
+            {
+                self.io.write_register(regs::CONTROL, control::CLEAR_ERROR);
+                self.dma = false;
+                done = chunk_start;
+                fallback = true;
+            }
+        }
+        // The buffer is the card's until COMPLETED has passed the last doorbell.
+        self.wait(|card| {
+            card.completed = card.io.read_register(regs::COMPLETED);
+            Ok((card.rung.wrapping_sub(card.completed) as i32 <= 0).then_some(()))
+        })?;
+        let rest = buffer.get(done..).unwrap_or(&[]);
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let rest_offset =
+            if offset == OFFSET_SEQUENTIAL { offset } else { offset.wrapping_add(done as u64) };
+        self.dump_io_copy(rest_offset, kind, rest)
+    }
+
+    fn set_flags(&mut self, flags: u32) {
+        if self.flags != flags {
+            self.io.write_register(regs::CHUNK_FLAGS, flags);
+            self.flags = flags;
+        }
     }
 
     fn describe(&self, offset: u64, length: u32, kind: DumpIoType, slot: u32) {
@@ -430,6 +634,151 @@ mod tests {
         let mut card = Card::probe(Gone).unwrap();
         assert_eq!(card.dump_io(0, DumpIoType::Body, &[0u8; 8]), Err(CardError::Gone));
         assert_eq!(card.arm(), Err(CardError::Gone));
+    }
+
+    /// A card that can DMA: physical address = virtual + 1 GiB, except every third page from
+    /// `origin`, which lies elsewhere (so ranges split there); pages in `no_pa` have none.
+    #[derive(Default)]
+    struct DmaCard {
+        origin: usize,
+        regs: RefCell<Vec<(u32, u32)>>,
+        window: RefCell<Vec<(usize, Vec<u8>)>>,
+        probe_addr: RefCell<u64>,
+        /// Pages (by virtual page number) with no physical address.
+        no_pa: core::ops::Range<usize>,
+        translated: RefCell<Vec<(u64, usize)>>,
+        /// The card refuses DMA doorbells as BAD_DMA.
+        refuse_dma: bool,
+        error: RefCell<u32>,
+    }
+
+    impl DmaCard {
+        fn pa(&self, va: usize) -> u64 {
+            let page = va.wrapping_sub(self.origin) / PAGE_SIZE;
+            let base = if page % 3 == 2 { 0x50_0000_0000 } else { 0x4000_0000 };
+            (va as u64).wrapping_add(base)
+        }
+        /// The virtual address the driver translated to `pa` (only the probe is read back).
+        fn va(&self, pa: u64) -> usize {
+            self.translated.borrow().iter().find(|(p, _)| *p == pa).map_or(0, |t| t.1)
+        }
+        fn writes(&self, reg: u32) -> Vec<u32> {
+            self.regs.borrow().iter().filter(|(r, _)| *r == reg).map(|p| p.1).collect()
+        }
+    }
+
+    impl CardIo for &DmaCard {
+        fn read_register(&self, offset: u32) -> u32 {
+            match offset {
+                regs::MAGIC => abi::MAGIC_VALUE,
+                regs::VERSION => abi::ABI_VERSION,
+                regs::CAPABILITIES => cap::ALL,
+                regs::SLOT_COUNT => 2,
+                regs::SLOT_SIZE => 64, // four entries a slot
+                regs::COMPLETED => self.writes(regs::DOORBELL).len() as u32,
+                regs::STATUS => {
+                    let e = *self.error.borrow();
+                    let done = self.writes(regs::CHUNK_TYPE).last() == Some(&4);
+                    let state = if done { SessionState::Complete } else { SessionState::Streaming };
+                    state as u32 | if e != 0 { status::ERROR } else { 0 }
+                }
+                regs::ERROR => *self.error.borrow(),
+                o if (regs::DMA_PROBE_DATA..regs::DMA_PROBE_DATA_END).contains(&o) => {
+                    let va = self.va(*self.probe_addr.borrow());
+                    assert_ne!(va, 0, "the probe address was not translated by the driver");
+                    let va = va + (o - regs::DMA_PROBE_DATA) as usize;
+                    // SAFETY: test only: `va` is inside the probe buffer the driver translated.
+                    unsafe { core::ptr::read_unaligned(va as *const u32) }
+                }
+                _ => 0,
+            }
+        }
+        fn write_register(&self, offset: u32, value: u32) {
+            match offset {
+                regs::DMA_PROBE_ADDR_LO => *self.probe_addr.borrow_mut() |= value as u64,
+                regs::DMA_PROBE_ADDR_HI => *self.probe_addr.borrow_mut() |= (value as u64) << 32,
+                regs::CONTROL if value == control::CLEAR_ERROR => *self.error.borrow_mut() = 0,
+                regs::DOORBELL
+                    if self.refuse_dma && self.writes(regs::CHUNK_FLAGS).last() == Some(&1) =>
+                {
+                    *self.error.borrow_mut() = ErrorCode::BadDma as u32
+                }
+                _ => {}
+            }
+            self.regs.borrow_mut().push((offset, value));
+        }
+        fn write_window(&self, offset: usize, data: &[u8]) {
+            self.window.borrow_mut().push((offset, data.to_vec()));
+        }
+        fn get_physical_address(&self, va: usize) -> u64 {
+            if self.no_pa.contains(&(va / PAGE_SIZE)) {
+                return 0;
+            }
+            self.translated.borrow_mut().push((self.pa(va), va));
+            self.pa(va)
+        }
+    }
+
+    /// A page-aligned buffer of `pages` pages.
+    #[repr(C, align(4096))]
+    struct Pages([u8; 7 * PAGE_SIZE]);
+
+    #[test]
+    fn dma_mode_is_proved_then_buffers_go_as_merged_physical_ranges() {
+        let buf = Pages([0; 7 * PAGE_SIZE]);
+        let fake = DmaCard { origin: buf.0.as_ptr() as usize, ..Default::default() };
+        let mut card = Card::probe(&fake).unwrap();
+        let mut probe = DmaProbeBuffer::new();
+        assert!(card.prove_dma(&mut probe, 7));
+        assert_ne!(probe.0, [0; DMA_PROBE_SIZE]);
+        // From the middle of page 0 to the middle of page 6: pages 2 and 5 lie elsewhere.
+        let b = &buf.0[0x800..6 * PAGE_SIZE + 0x100];
+        card.dump_io(OFFSET_SEQUENTIAL, DumpIoType::Body, b).unwrap();
+        let base = b.as_ptr() as usize;
+        let ranges: Vec<DmaRange> = fake
+            .window
+            .borrow()
+            .iter()
+            .map(|(_, e)| DmaRange::from_bytes(e.as_slice().try_into().unwrap()))
+            .collect();
+        let lengths: Vec<u32> = ranges.iter().map(|r| r.length).collect();
+        assert_eq!(lengths, [0x1800, 0x1000, 0x2000, 0x1000, 0x100]);
+        assert_eq!(ranges[0].address, fake.pa(base));
+        assert_eq!(fake.writes(regs::CHUNK_RANGES), [4, 1], "four entries fill a slot");
+        assert_eq!(fake.writes(regs::CHUNK_LENGTH), [0x5800, 0x100]);
+        assert_eq!(fake.writes(regs::CHUNK_FLAGS), [chunk_flags::DMA]);
+        // Copy mode again for a card without DMA... and a complete doorbell clears the flag.
+        card.dump_io(OFFSET_SEQUENTIAL, DumpIoType::Complete, &[]).unwrap();
+        assert_eq!(fake.writes(regs::CHUNK_FLAGS), [chunk_flags::DMA, 0]);
+    }
+
+    #[test]
+    fn dma_falls_back_to_copy_for_pages_without_an_address_and_for_refusals() {
+        let buf = Pages([0; 7 * PAGE_SIZE]);
+        let first_page = buf.0.as_ptr() as usize / PAGE_SIZE;
+        // Pages 3.. have no physical address: three pages by DMA, the rest copied.
+        let fake = DmaCard { no_pa: first_page + 3..first_page + 7, ..Default::default() };
+        let mut card = Card::probe(&fake).unwrap();
+        assert!(card.prove_dma(&mut DmaProbeBuffer::new(), 1));
+        card.dump_io(0, DumpIoType::Body, &buf.0[..4 * PAGE_SIZE]).unwrap();
+        let lengths = fake.writes(regs::CHUNK_LENGTH);
+        assert_eq!((lengths[0], lengths.len()), (0x3000, 65), "one DMA chunk, 64 copied");
+        assert!(lengths[1..].iter().all(|l| *l == 64));
+        assert_eq!(fake.writes(regs::CHUNK_OFFSET_LO)[..2], [0, 0x3000]);
+        assert!(card.dma(), "a page without an address does not end DMA mode");
+        // A card that refuses DMA doorbells: the chunk is resent by copy, DMA mode ends.
+        let fake = DmaCard { refuse_dma: true, ..Default::default() };
+        let mut card = Card::probe(&fake).unwrap();
+        assert!(card.prove_dma(&mut DmaProbeBuffer::new(), 1));
+        card.dump_io(OFFSET_SEQUENTIAL, DumpIoType::Body, &buf.0[..100]).unwrap();
+        assert!(!card.dma());
+        assert_eq!(fake.writes(regs::CHUNK_LENGTH), [100, 64, 36]);
+        // A card without the capability, or memory with no address, never enters DMA mode.
+        let fake = DmaCard { no_pa: 0..usize::MAX, ..Default::default() };
+        let mut card = Card::probe(&fake).unwrap();
+        assert!(!card.prove_dma(&mut DmaProbeBuffer::new(), 1));
+        let rec = Recorder::default();
+        assert!(!Card::probe(&rec).unwrap().prove_dma(&mut DmaProbeBuffer::new(), 1));
     }
 
     #[test]

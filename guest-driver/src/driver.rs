@@ -49,7 +49,7 @@ use core::ptr;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::abi::{dump_header64, regs, DumpIoType, SessionState};
-use crate::card::{Card, CardError, CardIo};
+use crate::card::{Card, CardError, CardIo, DmaProbeBuffer};
 use crate::wdm::*;
 
 /// The `Component` name the driver registers its callbacks under.
@@ -167,7 +167,7 @@ pub struct Session {
 /// | 0x18 | 4 | card `SLOT_COUNT` |
 /// | 0x1C | 4 | card `SLOT_SIZE` |
 /// | 0x20 | 4 | DumpIo calls so far |
-/// | 0x24 | 4 | flags: bit 0 announced, bit 1 complete, bit 2 card dead, bit 3 error seen, bit 4 AddPages called, bit 5 card re-armed at the first DumpIo |
+/// | 0x24 | 4 | flags: bit 0 announced, bit 1 complete, bit 2 card dead, bit 3 error seen, bit 4 AddPages called, bit 5 card re-armed at the first DumpIo, bit 6 DMA mode |
 /// | 0x28 | 8 | payload bytes streamed so far |
 /// | 0x30 | 4 | bug-check code from AddPages (0 if not called) |
 /// | 0x34 | 4 | bug-check code announced (0 if none) |
@@ -198,7 +198,8 @@ impl SecondaryData {
             | (session.card_dead as u32) << 2
             | (session.first_error.is_some() as u32) << 3
             | (session.add_pages_code.is_some() as u32) << 4
-            | (session.rearmed as u32) << 5;
+            | (session.rearmed as u32) << 5
+            | (card.dma() as u32) << 6;
         put(0x24, &flags.to_le_bytes());
         put(0x28, &session.bytes.to_le_bytes());
         put(0x30, &session.add_pages_code.unwrap_or(0).to_le_bytes());
@@ -213,6 +214,8 @@ struct DriverState<Io: CardIo> {
     session: Session,
     /// Resident buffer for the secondary data when the system's `InBuffer` is too small.
     secondary: SecondaryData,
+    /// The pattern the card must read back by physical address before DMA mode is used.
+    dma_probe: DmaProbeBuffer,
 }
 
 const STOPPED: u8 = 0;
@@ -270,8 +273,15 @@ impl<Io: CardIo> CrashmonDriver<Io> {
                     rearmed: false,
                 },
                 secondary: SecondaryData([0; SECONDARY_DATA_SIZE]),
+                dma_probe: DmaProbeBuffer::new(),
             }),
         }
+    }
+
+    /// Whether the card proved DMA mode at start (see [`Card::prove_dma`]).
+    pub fn dma(&self) -> bool {
+        // SAFETY: a read of Copy data; see `session`.
+        unsafe { (*self.state.get()).card.as_ref().is_some_and(|c| c.dma()) }
     }
 
     /// Whether the driver is started (its callbacks registered).
@@ -312,6 +322,12 @@ impl<Io: CardIo> CrashmonDriver<Io> {
             }
         };
         card.reset();
+        // SAFETY: we hold the STARTING claim and no callback is registered yet, so nothing else
+        // references the state; the probe buffer is in `self`, which is 'static and resident.
+        let probe = unsafe { &mut (*self.state.get()).dma_probe };
+        // PASSIVE_LEVEL: the one place DMA mode is decided. The seed only varies the pattern.
+        let seed = card.io().read_register(regs::HOST_CLOCK_MS);
+        card.prove_dma(probe, seed);
         if let Err(e) = card.arm() {
             self.lifecycle.store(STOPPED, Ordering::Release);
             return Err(StartError::Card(e));
@@ -1039,6 +1055,7 @@ mod tests {
             card: Some(Card::probe(&CARD).unwrap()),
             session: Session::default(),
             secondary: SecondaryData([0; SECONDARY_DATA_SIZE]),
+            dma_probe: DmaProbeBuffer::new(),
         };
         CARD.0.store(true, Ordering::Relaxed);
         state.dump_io(u64::MAX, KbDumpIoBody, &[1u8; 4]);

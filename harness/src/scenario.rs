@@ -65,6 +65,10 @@ pub struct Scenario {
     pub migration_blocker: bool,
     /// Percent of the workload's pages the guest leaves all zero (its `zero=` option).
     pub zero_percent: u8,
+    /// Guest RAM shared with the device model (the default): the driver proves DMA mode and
+    /// the card reads the dump from guest memory. Off, the probe fails and the dump goes
+    /// through the data window (copy mode).
+    pub shared_memory: bool,
 }
 
 impl Scenario {
@@ -84,6 +88,7 @@ impl Scenario {
             dump_timeout: Duration::from_secs(60),
             migration_blocker: true,
             zero_percent: 0,
+            shared_memory: true,
         }
     }
 
@@ -289,6 +294,7 @@ impl Running {
         config.append = Some(scenario.append());
         config.incoming = incoming.map(str::to_owned);
         config.migration_blocker = scenario.migration_blocker;
+        config.shared_memory = scenario.shared_memory;
         let mut vm = Vm::launch(&rig.qemu, &config)?;
         let qmp = vm.connect_qmp(Duration::from_secs(60))?;
         Ok(Running {

@@ -176,6 +176,11 @@ pub struct VmConfig {
     /// Whether QEMU refuses live migration (the default, as `crashmon-card.args` has it); off
     /// only to show what a migration does to the card.
     pub migration_blocker: bool,
+    /// Whether guest RAM is shared with the device model (`share=on`, the default, as
+    /// `crashmon-card.args` has it). Off (`share=off`), QEMU still passes the memfd but keeps
+    /// the guest's writes in private copies: the card reads other bytes than the guest's, as
+    /// it would behind a vIOMMU, its DMA probe fails and the driver stays in copy mode.
+    pub shared_memory: bool,
 }
 
 impl VmConfig {
@@ -191,6 +196,7 @@ impl VmConfig {
             append: None,
             incoming: None,
             migration_blocker: true,
+            shared_memory: true,
         }
     }
 
@@ -228,11 +234,18 @@ impl VmConfig {
         ];
         let vm = render(VM_ARGS, &values)?;
         let no_migration = self.no_migration_dir();
-        let card = card_args(
+        let mut card = card_args(
             &self.card_socket,
             self.memory_mb,
             self.migration_blocker.then_some(no_migration.as_path()),
         )?;
+        if !self.shared_memory {
+            for arg in card.iter_mut().flatten() {
+                if arg.starts_with("memory-backend-memfd,") {
+                    *arg = arg.replace(",share=on", ",share=off");
+                }
+            }
+        }
         Ok(vm.into_iter().chain(card).flatten().collect())
     }
 }

@@ -39,6 +39,22 @@ fn sequential_full_dump_of_a_bug_check() -> Result<()> {
         "{:?}",
         d.verified.checks
     );
+    // Shared guest RAM: the driver proved DMA mode and the card read every data chunk itself.
+    // All but one: the buffer that starts at physical page 0, whose address reads as "none"
+    // (`MmGetPhysicalAddress` returns 0), goes by copy.
+    assert_eq!(d.sidecar.dma_chunks + 1, d.sidecar.chunks, "{:?}", d.sidecar);
+    Ok(())
+}
+
+#[test]
+fn without_shared_guest_memory_the_probe_fails_and_the_dump_goes_by_copy() -> Result<()> {
+    // share=off: QEMU passes the memfd, but the guest's writes stay in QEMU's private copies,
+    // so the card reads other bytes than the driver's pattern (as behind a vIOMMU).
+    let outcome = run(Scenario { shared_memory: false, ..Scenario::new("copy-mode") })?;
+    let d = &outcome.dumps[0];
+    assert_eq!(d.sidecar.dma_chunks, 0, "{:?}", d.sidecar);
+    assert!(d.sidecar.chunks > 0);
+    assert!(d.verified.pages_equal > 15_000, "{:?}", d.verified);
     Ok(())
 }
 

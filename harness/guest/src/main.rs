@@ -84,7 +84,10 @@ fn start_driver() -> Result<(), &'static str> {
         return Err("unloading the driver left callbacks registered");
     }
     start()?;
-    println!("CRASHMON DRIVER started (after a load/unload/load cycle)");
+    println!(
+        "CRASHMON DRIVER started (after a load/unload/load cycle) mode={}",
+        if DRIVER.dma() { "dma" } else { "copy" }
+    );
     Ok(())
 }
 

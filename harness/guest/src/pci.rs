@@ -166,6 +166,12 @@ impl CardIo for GuestCardIo {
             )
         }
     }
+
+    /// `MmGetPhysicalAddress`: a walk of the live page tables from CR3 (reads only, no lock:
+    /// callable on the bug-check path like Windows' routine).
+    fn get_physical_address(&self, va: usize) -> u64 {
+        boot::translate(va as u64).unwrap_or(0)
+    }
 }
 
 /// Finds the card, checks its BARs, enables decoding and maps them.
