@@ -16,15 +16,28 @@
 //! * every byte of every accepted chunk is in its dump at its offset (later chunks over earlier
 //!   ones; bytes the guest changed while the writer still owned their slot may be either),
 //!   bytes no chunk wrote are zero, and the sidecar's `size`, `bytes_received` and `chunks`
-//!   agree with the model.
+//!   agree with the model;
+//! * DMA mode: a DMA probe reads exactly the guest memory the model holds, or is refused when
+//!   that memory is not mapped; an accepted DMA chunk named only mapped guest memory, with
+//!   lengths that add up, and its bytes in the file are guest memory as it was at the doorbell
+//!   (bytes the guest changed while the chunk was in flight may be either).
 
 use crate::Input;
-use crashmon_card_abi::{self as abi, control, regs, DumpIoType, ErrorCode, SLOT_COUNT, SLOT_SIZE};
+use crashmon_card_abi::{
+    self as abi, chunk_flags, control, regs, DmaRange, DumpIoType, ErrorCode, SLOT_COUNT, SLOT_SIZE,
+};
 use crashmon_device_model::capture::{CaptureConfig, DumpState, Sidecar};
 use crashmon_device_model::card::CrashMonitorCard;
 use crashmon_device_model::data_window::DataWindow;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// Where the fuzzed guest's RAM sits (guest-physical), and how much of it there is: small, so
+/// that offsets from the input reach past it.
+const GUEST_BASE: u64 = 0x10_0000;
+const GUEST_SIZE: usize = 0x10000;
 
 /// Sessions per input at most: the card keeps what the last 16 writers left
 /// (`FINISHED_KEPT`), which is how the model finds each session's files.
@@ -79,10 +92,21 @@ pub enum Op {
     Wait,
     /// The complete doorbell.
     Complete,
+    /// A DMA chunk: up to four ranges at `GUEST_BASE + at` (bit 15 of `at`: far outside guest
+    /// memory), then the descriptor and the doorbell. `flags`: 1 sequential offset, 2 a length
+    /// off by one, 4 a range count off by one, 8 a reserved bit set in the first entry, 16 an
+    /// undefined `CHUNK_FLAGS` bit.
+    DmaChunk { slot: u8, kind: u8, flags: u8, offset: u16, ranges: Vec<(u16, u16)> },
+    /// The guest stores `len` bytes of a pattern at `GUEST_BASE + at` in its RAM.
+    GuestWrite { at: u16, len: u16, seed: u8 },
+    /// The driver's DMA probe at `GUEST_BASE + at` (bit 15: far outside guest memory).
+    DmaProbe { at: u16 },
+    /// QEMU unmaps all guest memory (`remap` false) or maps it again.
+    DmaMap { remap: bool },
 }
 
 impl Op {
-    const COUNT: u8 = 10;
+    const COUNT: u8 = 14;
 
     fn decode(i: &mut Input) -> Op {
         match i.u8() % Self::COUNT {
@@ -101,7 +125,16 @@ impl Op {
             6 => Op::BusReset,
             7 => Op::Disconnect,
             8 => Op::Wait,
-            _ => Op::Complete,
+            9 => Op::Complete,
+            10 => {
+                let (slot, kind, flags, offset) = (i.u8(), i.u8(), i.u8(), i.u16());
+                let n = i.u8() % 5;
+                let ranges = (0..n).map(|_| (i.u16(), i.u16())).collect();
+                Op::DmaChunk { slot, kind, flags, offset, ranges }
+            }
+            11 => Op::GuestWrite { at: i.u16(), len: i.u16(), seed: i.u8() },
+            12 => Op::DmaProbe { at: i.u16() },
+            _ => Op::DmaMap { remap: i.u8() & 1 != 0 },
         }
     }
 
@@ -141,6 +174,26 @@ impl Op {
             Op::Disconnect => out.push(7),
             Op::Wait => out.push(8),
             Op::Complete => out.push(9),
+            Op::DmaChunk { slot, kind, flags, offset, ref ranges } => {
+                out.extend([10, slot, kind, flags]);
+                out.extend(offset.to_le_bytes());
+                out.push(ranges.len() as u8);
+                for (at, len) in ranges {
+                    out.extend(at.to_le_bytes());
+                    out.extend(len.to_le_bytes());
+                }
+            }
+            Op::GuestWrite { at, len, seed } => {
+                out.push(11);
+                out.extend(at.to_le_bytes());
+                out.extend(len.to_le_bytes());
+                out.push(seed);
+            }
+            Op::DmaProbe { at } => {
+                out.push(12);
+                out.extend(at.to_le_bytes());
+            }
+            Op::DmaMap { remap } => out.extend([13, remap as u8]),
         }
     }
 }
@@ -177,6 +230,8 @@ struct InFlight {
     session: usize,
     start: u64,
     len: usize,
+    /// The bytes are read from guest memory, not from the slot.
+    dma: bool,
 }
 
 impl ModelSession {
@@ -204,6 +259,11 @@ struct Harness {
     completed: u32,
     /// The last accepted chunk of each slot.
     in_flight: [Option<InFlight>; SLOT_COUNT as usize],
+    /// The guest's RAM: the file the card reads by DMA, and the model's copy of it.
+    guest: File,
+    guest_model: Vec<u8>,
+    /// Whether QEMU has the guest's RAM mapped for the card.
+    mapped: bool,
 }
 
 fn fill_pattern(seed: u8, i: usize) -> u8 {
@@ -269,13 +329,23 @@ impl Harness {
         let len = self.r(regs::CHUNK_LENGTH) as usize;
         let kind = DumpIoType::from_u32(self.r(regs::CHUNK_TYPE));
         let slot = self.r(regs::CHUNK_SLOT);
+        let flags = self.r(regs::CHUNK_FLAGS);
+        let count = self.r(regs::CHUNK_RANGES);
+        let dma = flags & chunk_flags::DMA != 0;
         // What the slot holds now: the writer copies it later, but a guest that keeps its hands
-        // off an owned slot gets exactly these bytes (see `fill`).
-        let snapshot = (slot < SLOT_COUNT && len <= SLOT_SIZE as usize).then(|| {
-            let mut b = vec![0u8; len];
-            self.card.window().read(slot as u64 * SLOT_SIZE as u64, &mut b).unwrap();
-            b
-        });
+        // off an owned slot gets exactly these bytes (see `fill`). In DMA mode, the guest
+        // memory the slot's list names, if the list is one the card may accept.
+        let snapshot = if flags & !chunk_flags::ALL != 0 {
+            None // an undefined flag: refused
+        } else if dma {
+            self.dma_snapshot(slot, len, count)
+        } else {
+            (slot < SLOT_COUNT && len <= SLOT_SIZE as usize).then(|| {
+                let mut b = vec![0u8; len];
+                self.card.window().read(slot as u64 * SLOT_SIZE as u64, &mut b).unwrap();
+                b
+            })
+        };
         let before = self.card.sessions_opened();
         self.card.write(regs::DOORBELL as u64, &1u32.to_le_bytes());
         self.rung += 1;
@@ -293,7 +363,8 @@ impl Harness {
                 self.sessions[session].complete = true;
             }
             Some(DumpIoType::Header | DumpIoType::Body | DumpIoType::SecondaryData) => {
-                let data = snapshot.expect("a chunk outside the window was accepted");
+                let data =
+                    snapshot.expect("a chunk outside the window or guest memory was accepted");
                 assert!(len > 0);
                 let s = &mut self.sessions[session];
                 let start = if offset == abi::OFFSET_SEQUENTIAL { s.cursor } else { offset };
@@ -309,20 +380,50 @@ impl Harness {
                 s.cursor = end;
                 s.received += len as u64;
                 s.chunks += 1;
-                self.in_flight[slot as usize] = Some(InFlight { session, start, len });
+                self.in_flight[slot as usize] = Some(InFlight { session, start, len, dma });
             }
             _ => panic!("a doorbell of type {kind:?} was accepted"),
         }
+    }
+
+    /// The bytes a DMA chunk of `len` bytes described by slot `slot` would carry, if its list
+    /// is valid: every entry non-empty with no reserved bit, inside mapped guest memory, the
+    /// lengths adding up to `len`. `None` for a list the card must refuse.
+    fn dma_snapshot(&self, slot: u32, len: usize, count: u32) -> Option<Vec<u8>> {
+        if slot >= SLOT_COUNT || count == 0 || count > abi::MAX_DMA_RANGES || !self.mapped {
+            return None;
+        }
+        let mut list = vec![0u8; count as usize * DmaRange::SIZE];
+        self.card.window().read(slot as u64 * SLOT_SIZE as u64, &mut list)?;
+        let mut bytes = Vec::new();
+        for e in list.chunks_exact(DmaRange::SIZE) {
+            let r = DmaRange::from_bytes(e.try_into().ok()?);
+            let at = r.address.checked_sub(GUEST_BASE)? as usize;
+            let end = at.checked_add(r.length as usize)?;
+            if r.length == 0 || r.reserved != 0 || end > GUEST_SIZE {
+                return None;
+            }
+            bytes.extend_from_slice(&self.guest_model[at..end]);
+        }
+        (bytes.len() == len).then_some(bytes)
     }
 
     fn fill(&mut self, slot: u8, at: u32, len: u16, seed: u8) {
         let slot = slot as u32 % SLOT_COUNT;
         let at = at % SLOT_SIZE;
         let len = (len as u32).min(SLOT_SIZE - at) as usize;
+        let data: Vec<u8> = (0..len).map(|i| fill_pattern(seed, i)).collect();
+        self.store_slot(slot, at, &data);
+    }
+
+    /// The guest stores `data` at `at` in `slot` (both in range).
+    fn store_slot(&mut self, slot: u32, at: u32, data: &[u8]) {
+        let len = data.len();
         if self.card.window().is_owned(slot) {
             // The writer may copy the old bytes or the new ones (or a mix): a guest that does
-            // this only spoils its own dump.
-            if let Some(f) = self.in_flight[slot as usize] {
+            // this only spoils its own dump. (A DMA chunk's slot holds only its list, which
+            // the card read at the doorbell.)
+            if let Some(f) = self.in_flight[slot as usize].filter(|f| !f.dma) {
                 let lo = f.start as usize + (at as usize).min(f.len);
                 let hi = f.start as usize + (at as usize + len).min(f.len);
                 if lo < hi {
@@ -330,8 +431,83 @@ impl Harness {
                 }
             }
         }
+        self.card.window().write(slot as u64 * SLOT_SIZE as u64 + at as u64, data).unwrap();
+    }
+
+    fn dma_chunk(&mut self, slot: u8, kind: u8, flags: u8, offset: u16, ranges: &[(u16, u16)]) {
+        let slot = slot as u32 % 6;
+        let mut list = Vec::new();
+        let mut total = 0u32;
+        for (i, &(at, len)) in ranges.iter().enumerate() {
+            let address = if at & 0x8000 != 0 && flags & 32 != 0 {
+                (at as u64) << 32
+            } else {
+                GUEST_BASE + at as u64
+            };
+            let reserved = u32::from(i == 0 && flags & 8 != 0);
+            list.extend(DmaRange { address, length: len as u32, reserved }.to_bytes());
+            total += len as u32;
+        }
+        if slot < SLOT_COUNT {
+            self.store_slot(slot, 0, &list);
+        }
+        let offset = if flags & 1 != 0 { abi::OFFSET_SEQUENTIAL } else { offset as u64 };
+        let chunk_flags = chunk_flags::DMA | if flags & 16 != 0 { 1 << 7 } else { 0 };
+        self.write(regs::CHUNK_OFFSET_LO as u64, &offset.to_le_bytes());
+        self.write(regs::CHUNK_LENGTH as u64, &(total + u32::from(flags & 2 != 0)).to_le_bytes());
+        let count = ranges.len() as u32 + u32::from(flags & 4 != 0);
+        self.write(regs::CHUNK_RANGES as u64, &count.to_le_bytes());
+        self.write(regs::CHUNK_FLAGS as u64, &chunk_flags.to_le_bytes());
+        self.write(regs::CHUNK_TYPE as u64, &(kind as u32 % 6).to_le_bytes());
+        self.write(regs::CHUNK_SLOT as u64, &slot.to_le_bytes());
+        self.ring();
+    }
+
+    /// The guest changes its own RAM: chunks still reading it may carry old or new bytes.
+    fn guest_write(&mut self, at: u16, len: u16, seed: u8) {
+        let at = at as usize % GUEST_SIZE;
+        let len = (len as usize).min(GUEST_SIZE - at);
         let data: Vec<u8> = (0..len).map(|i| fill_pattern(seed, i)).collect();
-        self.card.window().write(slot as u64 * SLOT_SIZE as u64 + at as u64, &data).unwrap();
+        self.guest.write_all_at(&data, at as u64).unwrap();
+        self.guest_model[at..at + len].copy_from_slice(&data);
+        for slot in 0..SLOT_COUNT {
+            if let Some(f) = self.in_flight[slot as usize].filter(|f| f.dma) {
+                if self.card.window().is_owned(slot) && len > 0 {
+                    let start = f.start as usize;
+                    self.sessions[f.session].unknown.push((start, start + f.len));
+                }
+            }
+        }
+    }
+
+    fn dma_probe(&mut self, at: u16) {
+        let address = if at & 0x8000 != 0 { (at as u64) << 32 } else { GUEST_BASE + at as u64 };
+        self.write(regs::DMA_PROBE_ADDR_LO as u64, &address.to_le_bytes());
+        self.card.write(regs::CONTROL as u64, &control::CLEAR_ERROR.to_le_bytes());
+        self.card.write(regs::CONTROL as u64, &control::DMA_PROBE.to_le_bytes());
+        let error = self.r(regs::ERROR);
+        let read: Vec<u8> = (0..abi::DMA_PROBE_SIZE as u32 / 4)
+            .flat_map(|i| self.r(regs::DMA_PROBE_DATA + 4 * i).to_le_bytes())
+            .collect();
+        let at = address.wrapping_sub(GUEST_BASE) as usize;
+        if self.mapped && address >= GUEST_BASE && at + abi::DMA_PROBE_SIZE <= GUEST_SIZE {
+            assert_eq!(error, ErrorCode::None as u32, "a probe of mapped memory was refused");
+            assert_eq!(read, self.guest_model[at..at + abi::DMA_PROBE_SIZE], "probe data");
+        } else {
+            assert_eq!(error, ErrorCode::BadDma as u32, "a probe of unmapped memory");
+            assert!(read.iter().all(|b| *b == 0), "a refused probe left data");
+        }
+    }
+
+    fn dma_map(&mut self, remap: bool) {
+        if remap && !self.mapped {
+            let file = self.guest.try_clone().unwrap();
+            self.card.dma_map(GUEST_BASE, GUEST_SIZE as u64, 0, Some(file), true).unwrap();
+            self.mapped = true;
+        } else if !remap {
+            self.card.dma_unmap(0, 0, true).unwrap();
+            self.mapped = false;
+        }
     }
 
     /// Waits until every writer has released its slot.
@@ -381,6 +557,7 @@ impl Harness {
                     _ => offset as u64,
                 };
                 let len = len as u32 | if flags & 4 != 0 { SLOT_SIZE } else { 0 };
+                self.write(regs::CHUNK_FLAGS as u64, &0u32.to_le_bytes());
                 self.write(regs::CHUNK_OFFSET_LO as u64, &offset.to_le_bytes());
                 self.write(regs::CHUNK_LENGTH as u64, &len.to_le_bytes());
                 self.write(regs::CHUNK_TYPE as u64, &(kind as u32 % 6).to_le_bytes());
@@ -398,7 +575,14 @@ impl Harness {
             Op::Disconnect => {
                 self.card.disconnect();
                 self.reset_model();
+                self.mapped = false; // the next client brings its own mappings
             }
+            Op::DmaChunk { slot, kind, flags, offset, ref ranges } => {
+                self.dma_chunk(slot, kind, flags, offset, ranges)
+            }
+            Op::GuestWrite { at, len, seed } => self.guest_write(at, len, seed),
+            Op::DmaProbe { at } => self.dma_probe(at),
+            Op::DmaMap { remap } => self.dma_map(remap),
             Op::Wait => self.wait_slots(),
             Op::Complete => {
                 self.write(regs::CHUNK_LENGTH as u64, &0u32.to_le_bytes());
@@ -429,6 +613,16 @@ pub fn run(data: &[u8]) {
     let config =
         CaptureConfig { limits: crate::NO_LIMITS, ..CaptureConfig::new(&out, "fuzz", max) };
     let window = DataWindow::new().expect("memfd");
+    // The guest's RAM, on tmpfs like QEMU's memfd, mapped for the card as QEMU would.
+    let guest_model: Vec<u8> = (0..GUEST_SIZE).map(|i| fill_pattern(0x5A, i)).collect();
+    let guest = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(root.join("guest-ram"))
+        .expect("the guest's RAM file");
+    guest.write_all_at(&guest_model, 0).unwrap();
     let mut h = Harness {
         card: CrashMonitorCard::new(config, window),
         max,
@@ -436,7 +630,11 @@ pub fn run(data: &[u8]) {
         rung: 0,
         completed: 0,
         in_flight: [None; SLOT_COUNT as usize],
+        guest,
+        guest_model,
+        mapped: false,
     };
+    h.dma_map(true);
     for _ in 0..MAX_OPS {
         if input.is_empty() || h.card.sessions_opened() >= MAX_SESSIONS {
             break;
@@ -458,7 +656,7 @@ fn check_disk(
     model: &[ModelSession],
     finished: &[crashmon_device_model::capture::Finished],
 ) {
-    assert_eq!(crate::names(root), ["out"], "a file outside the output folder");
+    assert_eq!(crate::names(root), ["guest-ram", "out"], "a file outside the output folder");
     let names = crate::names(out);
     for name in &names {
         assert!(

@@ -131,6 +131,50 @@ fn card_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 ],
             ),
         ),
+        (
+            "dma-probe-chunks-guest-writes-unmap",
+            card::encode(
+                1,
+                &[
+                    Op::DmaProbe { at: 0x40 },
+                    Op::DmaProbe { at: 0xFFF0 }, // runs past guest memory: refused
+                    arm.clone(),
+                    announce.clone(),
+                    Op::DmaChunk {
+                        slot: 0,
+                        kind: DumpIoType::Header as u8,
+                        flags: 1,
+                        offset: 0,
+                        ranges: vec![(0x1000, 0x1000), (0x100, 0x20)],
+                    },
+                    Op::GuestWrite { at: 0x1000, len: 64, seed: 3 },
+                    Op::DmaChunk {
+                        slot: 1,
+                        kind: DumpIoType::Body as u8,
+                        flags: 1,
+                        offset: 0,
+                        ranges: vec![(0xF000, 0x2000)], // past the end: BAD_DMA
+                    },
+                    Op::DmaChunk { slot: 1, kind: 2, flags: 2, offset: 0, ranges: vec![(0, 8)] },
+                    Op::DmaChunk { slot: 1, kind: 2, flags: 8, offset: 0, ranges: vec![(0, 8)] },
+                    Op::DmaChunk {
+                        slot: 2,
+                        kind: 2,
+                        flags: 0,
+                        offset: 0x2000,
+                        ranges: vec![(0x20, 0x300)],
+                    },
+                    Op::Wait,
+                    Op::DmaMap { remap: false },
+                    Op::DmaChunk { slot: 3, kind: 2, flags: 1, offset: 0, ranges: vec![(0, 8)] },
+                    Op::DmaMap { remap: true },
+                    fill(3, 4),
+                    seq(3, 100),
+                    Op::Complete,
+                    Op::Wait,
+                ],
+            ),
+        ),
     ]
 }
 
