@@ -63,7 +63,7 @@ enum Cmd {
     /// write the table to a file.
     Bench {
         /// Guest RAM sizes in MiB, comma separated (16 to 2048 each).
-        #[arg(long, value_delimiter = ',', default_values_t = [128u32, 512, 1024, 2048],
+        #[arg(long, value_delimiter = ',', default_values_t = [512u32, 2048],
               value_parser = clap::value_parser!(u32).range(16..=2048))]
         memory_mb: Vec<u32>,
         /// Runs per size (the median is reported).

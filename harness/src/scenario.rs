@@ -217,6 +217,8 @@ pub struct Running {
     /// the folder may keep (the demo's does), are not this run's.
     earlier_sessions: HashSet<String>,
     started: Instant,
+    /// The NMI of an NMI scenario was already injected (see [`Running::inject_nmi_timed`]).
+    nmi_sent: bool,
 }
 
 impl Running {
@@ -307,7 +309,32 @@ impl Running {
             vm_name: scenario.name.clone(),
             earlier_sessions,
             started: Instant::now(),
+            nmi_sent: false,
         })
+    }
+
+    /// Injects the NMI of an NMI scenario once the guest waits for it, and returns how long
+    /// the device model took to log its first line about the crash (`bug checked`), polling
+    /// its log every half millisecond from just before the QMP command.
+    pub fn inject_nmi_timed(&mut self) -> Result<Duration> {
+        self.wait_serial("WAITING nmi", 1, CRASH_TIMEOUT)?;
+        let log = self.card.log_path().to_owned();
+        let seen = |log: &Path| {
+            std::fs::read_to_string(log).is_ok_and(|t| t.lines().any(|l| l.contains("bug checked")))
+        };
+        ensure!(!seen(&log), "the device model logged a crash before the NMI\n{}", self.logs());
+        let start = Instant::now();
+        self.qmp.inject_nmi().with_context(|| format!("QMP inject-nmi\n{}", self.logs()))?;
+        self.nmi_sent = true;
+        while !seen(&log) {
+            ensure!(
+                start.elapsed() < CRASH_TIMEOUT,
+                "no crash line after the NMI\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(start.elapsed())
     }
 
     /// The guest's serial lines so far (after a migration, the source's lines first).
@@ -478,7 +505,7 @@ pub fn complete_with(
     halted: impl FnOnce(&mut Running) -> Result<()>,
 ) -> Result<Outcome> {
     let run_dir = r.run_dir.clone();
-    if scenario.trigger == Trigger::Nmi {
+    if scenario.trigger == Trigger::Nmi && !r.nmi_sent {
         r.wait_serial("WAITING nmi", 1, CRASH_TIMEOUT)?;
         r.qmp.inject_nmi().with_context(|| format!("QMP inject-nmi\n{}", r.logs()))?;
     }
