@@ -6,13 +6,15 @@
 //! [`crashmon_guest_driver::Card`]; this crate gives it
 //!
 //! * a [`CardIo`](crashmon_guest_driver::CardIo) over the two BARs mapped with `MmMapIoSpaceEx`
-//!   and accessed with the HAL register routines' semantics ([`mmio`]);
+//!   and accessed with the HAL register routines' semantics, and `MmGetPhysicalAddress` for DMA
+//!   mode ([`mmio`]);
 //! * a [`BugCheckRegistry`](crashmon_guest_driver::BugCheckRegistry) that is
 //!   `KeRegisterBugCheckReasonCallback` and friends ([`registry`]);
 //! * `DriverEntry`, AddDevice, PnP and power dispatch, and Unload ([`pnp`]): `IRP_MN_START_DEVICE`
-//!   maps BAR0 and BAR2 from the translated resources and starts the core (which probes, resets
-//!   and arms the card and registers the callbacks); stop, surprise removal, removal and Unload
-//!   stop the core (deregistering every callback) and unmap the BARs.
+//!   maps BAR0 and BAR2 from the translated resources and starts the core (which probes and
+//!   resets the card, proves DMA mode if the card offers it, arms it and registers the
+//!   callbacks); stop, surprise removal, removal and Unload stop the core (deregistering every
+//!   callback) and unmap the BARs.
 //!
 //! The crate is a `#![no_main]` binary: the image is an executable entered at `DriverEntry`, with
 //! no C runtime and no exports, as the WDK links drivers.
@@ -21,13 +23,13 @@
 //! | section | what | why |
 //! |---|---|---|
 //! | `.text` | the bug-check callbacks and everything they call (the core, `memcpy`), power and pass-through dispatch | non-paged: the callbacks run at HIGH_LEVEL, where a page fault is fatal |
-//! | `.data`/`.bss`/`.rdata` | the driver's state ([`DRIVER`], its callback records), constants | non-paged: the records stay resident while registered |
+//! | `.data`/`.bss`/`.rdata` | the driver's state ([`DRIVER`], its callback records, the DMA probe buffer), constants | non-paged: the records stay resident while registered, and the card reads the probe buffer by physical address |
 //! | `PAGE` | AddDevice, PnP dispatch, start/stop, Unload | pageable: they run at PASSIVE_LEVEL only |
 //! | `INIT` | `DriverEntry` | discarded by the kernel once `DriverEntry` returns |
 //!
 //! `windows-driver/pe-check` checks the built image for exactly this: the callbacks' call graph
-//! stays in non-paged, non-discardable sections and calls no import that is forbidden at
-//! HIGH_LEVEL.
+//! stays in non-paged, non-discardable sections and calls no import but `MmGetPhysicalAddress`
+//! (documented for any IRQL; DMA mode).
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn)]

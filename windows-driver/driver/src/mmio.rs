@@ -17,12 +17,18 @@
 //! data is in the window before the doorbell write reaches the card. The functions below are
 //! exactly those, so they are what Microsoft's bug-check rules allow at HIGH_LEVEL: no call, no
 //! lock, no wait, nothing pageable.
+//!
+//! DMA mode adds one call: `get_physical_address` is `MmGetPhysicalAddress`, which Microsoft
+//! documents for any IRQL given a valid address. It is the one kernel routine the bug-check path
+//! may reach (`windows-driver/pe-check` checks that nothing else is reachable).
 
 use core::arch::asm;
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use crashmon_card_abi as abi;
 use crashmon_guest_driver::CardIo;
+
+use crate::ntoskrnl::MmGetPhysicalAddress;
 
 /// `FastFence()` / `__faststorefence()`.
 #[inline(always)]
@@ -62,18 +68,22 @@ pub unsafe fn write_register_ulong(register: *mut u32, value: u32) {
 /// `count` readable, resident bytes; the ranges must not overlap.
 #[inline(always)]
 pub unsafe fn write_register_buffer_uchar(register: *mut u8, buffer: *const u8, count: usize) {
+    // The copy and its `FastFence` are one asm block, so the compiler cannot schedule anything
+    // between them (with two blocks it may reload a spilled register there): the fence is the
+    // very next instruction, as `windows-driver/pe-check` requires of every `rep movsb`.
     // SAFETY: per the contract; `rep movsb` copies forward (the x64 ABI keeps DF clear), and it
-    // moves rdi/rsi/rcx, which are declared clobbered.
+    // moves rdi/rsi/rcx, which are declared clobbered; the fence is `fast_fence`'s (it leaves
+    // the stack word as it was but sets the flags, so they are not preserved).
     unsafe {
         asm!(
             "rep movsb",
+            "lock or dword ptr [rsp], 0",
             inout("rdi") register => _,
             inout("rsi") buffer => _,
             inout("rcx") count => _,
-            options(nostack, preserves_flags),
+            options(nostack),
         )
     };
-    fast_fence();
 }
 
 /// The card's BAR0 (registers) and BAR2 (data window), mapped with `MmMapIoSpaceEx`.
@@ -135,5 +145,22 @@ impl CardIo for MmioCardIo {
             // device mapping.
             unsafe { write_register_buffer_uchar(self.bar2.add(offset), data.as_ptr(), data.len()) }
         }
+    }
+
+    /// `MmGetPhysicalAddress`. The core calls it at PASSIVE_LEVEL for its DMA probe buffer (in
+    /// the `static DRIVER`, non-paged) and, in DMA mode, at HIGH_LEVEL from the DumpIo callback
+    /// for each page of the system's dump buffer (resident by the callback's contract). The
+    /// bug-check rules allow it there: it is documented for any IRQL given a valid address, and
+    /// nothing here allocates, locks or waits around the call.
+    #[inline(always)]
+    fn get_physical_address(&self, va: usize) -> u64 {
+        // SAFETY: the routine only translates the address, it never dereferences it for us; the
+        // core passes addresses of resident memory (its probe buffer, the system's dump buffer),
+        // which is the valid address its documentation asks for at any IRQL. An address with no
+        // provenance is enough: nothing on our side reads through it.
+        let pa = unsafe { MmGetPhysicalAddress(core::ptr::without_provenance_mut(va)) };
+        // A LARGE_INTEGER: 0 (or a nonsensical negative value) means no physical address, which
+        // the core treats as "use copy mode for this page".
+        u64::try_from(pa).unwrap_or(0)
     }
 }

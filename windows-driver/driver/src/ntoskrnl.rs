@@ -3,7 +3,9 @@
 //! `raw-dylib`: rustc writes the import entries itself, so no `ntoskrnl.lib` (no WDK) is needed
 //! to link. The IRQL column is the documented upper bound from each routine's Requirements; the
 //! PE test (`windows-driver/pe-check`) keeps the same table and checks that none of these is
-//! reachable from a bug-check callback, except `KeBugCheckEx` (the panic handler's).
+//! reachable from a bug-check callback except `MmGetPhysicalAddress`, which the DumpIo callback
+//! calls in DMA mode. Not even `KeBugCheckEx`: it is the panic handler's, and the callbacks are
+//! written not to panic.
 //!
 //! | routine | IRQL | used by |
 //! |---|---|---|
@@ -14,6 +16,7 @@
 //! | `IoInitializeRemoveLockEx`, `IoReleaseRemoveLockAndWaitEx` | PASSIVE | AddDevice, removal |
 //! | `IoAcquireRemoveLockEx`, `IoReleaseRemoveLockEx` | <= DISPATCH | dispatch routines |
 //! | `MmMapIoSpaceEx`, `MmUnmapIoSpace` | <= DISPATCH | start, stop, removal |
+//! | `MmGetPhysicalAddress` | any, "provided that the BaseAddress value is valid" (Remarks) | DMA mode: the probe at start, the DumpIo callback |
 //! | `Ke(De)RegisterBugCheck(Reason)Callback` | any (but they lock the callback lists) | start, stop |
 //! | `DbgPrintEx` | <= DIRQL | PnP diagnostics |
 //! | `KeBugCheckEx` | any | the panic handler |
@@ -78,6 +81,17 @@ extern "system" {
         Protect: ULONG,
     ) -> PVOID;
     pub fn MmUnmapIoSpace(BaseAddress: PVOID, NumberOfBytes: SIZE_T);
+    /// The physical address behind a valid non-paged virtual address (ntddk.h). Microsoft's
+    /// reference page (learn.microsoft.com, "MmGetPhysicalAddress function (ntddk.h)") gives IRQL
+    /// "Any level (see Remarks section)", and the Remarks say callers "can be running at any IRQL,
+    /// provided that the BaseAddress value is valid": that is why it is the one routine the
+    /// bug-check path may call. The page also says not to use it for DMA and points to adapter
+    /// objects instead, whose routines a HIGH_LEVEL callback cannot call; the card's DMA mode is
+    /// proved at start instead (see `crashmon_card_abi`, "DMA mode").
+    ///
+    /// `PHYSICAL_ADDRESS` is a `LARGE_INTEGER`, an 8-byte union, which the x64 convention returns
+    /// in RAX like a `LONGLONG`: `crashmon_wdk_types` declares it as `i64`.
+    pub fn MmGetPhysicalAddress(BaseAddress: PVOID) -> PHYSICAL_ADDRESS;
 
     pub fn KeRegisterBugCheckReasonCallback(
         CallbackRecord: *mut KBUGCHECK_REASON_CALLBACK_RECORD,

@@ -334,10 +334,13 @@ unsafe fn start_device(ext: *mut DeviceExtension, translated: *const CM_RESOURCE
         Ok(()) => {
             // SAFETY: ext is live.
             unsafe { (*ext).started = true };
+            // DMA mode if the card read back the probe pattern by physical address, else copy.
+            let mode: &[u8] = if DRIVER.dma() { b"DMA\0" } else { b"copy\0" };
             log!(
-                "card started: BAR0 %I64x, BAR2 %I64x; bug-check callbacks registered",
+                "card started: BAR0 %I64x, BAR2 %I64x, %s mode; bug-check callbacks registered",
                 resources.bar0.start,
-                resources.bar2.start
+                resources.bar2.start,
+                mode.as_ptr()
             );
             return STATUS_SUCCESS;
         }

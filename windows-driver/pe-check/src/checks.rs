@@ -1,7 +1,7 @@
 //! The checks of a built `crashmon.sys`. Each returns a summary of what it saw, or what failed.
 
 use crate::image::Section;
-use crate::irql::{self, MaxIrql};
+use crate::irql::{self, BugCheckPath, MaxIrql, BUG_CHECK_PATH_IMPORT};
 use crate::package::Driver;
 use crate::reach::{reach, Reach};
 use object::pe;
@@ -219,6 +219,24 @@ pub fn sections(d: &Driver) -> Outcome {
     Ok(list(d.image.sections.iter().map(describe_section)))
 }
 
+/// Why a bug-check callback may not call the import `name`, or `None` for the one it may
+/// ([`irql::BUG_CHECK_PATH_IMPORT`], `MmGetPhysicalAddress`).
+pub fn refusal(name: &str) -> Option<String> {
+    if irql::allowed_on_bug_check_path(name) {
+        return None;
+    }
+    let Some(rule) = irql::rule_for(name) else {
+        return Some("unclassified".to_owned());
+    };
+    Some(if irql::in_forbidden_family(name) {
+        format!("{:?}, in a family forbidden on the bug-check path: {}", rule.max_irql, rule.note)
+    } else if rule.bug_check_path == BugCheckPath::PanicOnly {
+        "callable at HIGH_LEVEL, but only the panic handler calls it: a panic path?".to_owned()
+    } else {
+        format!("{:?}: {}", rule.max_irql, rule.note)
+    })
+}
+
 /// Everything about one [`Reach`] that breaks the bug-check rules, if anything.
 fn bug_check_violations(d: &Driver, r: &Reach) -> Vec<String> {
     let mut bad = Vec::new();
@@ -256,30 +274,34 @@ fn bug_check_violations(d: &Driver, r: &Reach) -> Vec<String> {
             )),
         }
     }
-    // The callbacks are panic-free and talk to the card with the HAL register semantics only, so
-    // they must reach no kernel routine at all: even one documented for any IRQL (KeBugCheckEx,
-    // the panic handler's) would mean a panic path crept onto the bug-check path.
+    // The callbacks are panic-free and talk to the card with the HAL register semantics, so they
+    // must reach no kernel routine but MmGetPhysicalAddress (documented for any IRQL; DMA mode):
+    // even another one documented for any IRQL (KeBugCheckEx, the panic handler's) would mean a
+    // panic path crept onto the bug-check path.
     for (name, sites) in &r.imports {
-        let why = if irql::allowed_on_bug_check_path(name) && !irql::in_forbidden_family(name) {
-            "callable at HIGH_LEVEL, but the callbacks must reach no kernel routine (a panic path?)"
-                .to_owned()
-        } else {
-            irql::rule_for(name).map_or("unclassified".to_owned(), |rule| {
-                format!("{:?}: {}", rule.max_irql, rule.note)
-            })
-        };
-        bad.push(format!(
-            "calls {name} ({why}) at {}",
-            list(sites.iter().map(|s| d.map.describe(*s)))
-        ));
+        if let Some(why) = refusal(name) {
+            bad.push(format!(
+                "calls {name} ({why}) at {}",
+                list(sites.iter().map(|s| d.map.describe(*s)))
+            ));
+        }
     }
     bad
 }
 
+/// Whether `violations` (from [`bug_check_violations`]) refuse a call to `name`.
+fn refuses_call(violations: &[String], name: &str) -> bool {
+    let prefix = format!("calls {name} (");
+    violations.iter().any(|v| v.starts_with(&prefix))
+}
+
 /// The bug-check callbacks: in a resident section, and everything they can reach (code and
-/// statically addressed data) resident too, with no import that is forbidden at HIGH_LEVEL and
-/// no indirect call the analysis cannot follow. The card is written with the HAL register
-/// routines' semantics: every `rep movsb` into the data window is followed by a `FastFence`.
+/// statically addressed data) resident too, with no import but `MmGetPhysicalAddress` and no
+/// indirect call the analysis cannot follow. `MmGetPhysicalAddress` is reached from the DumpIo
+/// callback (DMA mode) and from no other callback: the check fails if it is not, so that it
+/// cannot pass because the DMA path was optimised away. The card is written with the HAL
+/// register routines' semantics: every `rep movsb` into the data window is followed by a
+/// `FastFence`.
 pub fn bug_check_path(d: &Driver) -> Outcome {
     let roots = callbacks(d)?;
     let mut out = String::new();
@@ -290,6 +312,16 @@ pub fn bug_check_path(d: &Driver) -> Outcome {
             bad.push(format!("{role} ({f}) is in {}", describe_section(s)));
         }
         let r = reach(&d.image, &d.map, &[rva]);
+        // DumpIo translates the dump buffer in DMA mode; the other three call no kernel routine.
+        let dump_io = *role == "BugCheckDumpIoCallback";
+        if dump_io && !r.imports.contains_key(BUG_CHECK_PATH_IMPORT) {
+            bad.push(format!(
+                "{role} ({f}) does not reach {BUG_CHECK_PATH_IMPORT}: DMA mode is not in the image"
+            ));
+        }
+        if !dump_io && r.imports.contains_key(BUG_CHECK_PATH_IMPORT) {
+            bad.push(format!("{role} ({f}) reaches {BUG_CHECK_PATH_IMPORT}: only DumpIo may"));
+        }
         let _ = writeln!(
             out,
             "{role}: {f} at {rva:#x} in {}; reaches {} functions, {} instructions, imports {{{}}}",
@@ -332,7 +364,8 @@ pub fn bug_check_path(d: &Driver) -> Outcome {
     let _ = writeln!(
         out,
         "all four: {} functions, {} instructions, all in {}; data addressed in {}; imports {{{}}} \
-         (none may be: the callbacks cannot panic and call no kernel routine); {} indirect calls unresolved; \
+         (only {BUG_CHECK_PATH_IMPORT} may be, from DumpIo: documented for any IRQL; the callbacks \
+         cannot panic and call no other kernel routine); {} indirect calls unresolved; \
          {} jump-table functions swept whole; {} code addresses taken but never called \
          (e.g. formatting routines referenced by panic messages the panic handler never formats)",
         r.functions.len(),
@@ -354,8 +387,9 @@ pub fn bug_check_path(d: &Driver) -> Outcome {
 }
 
 /// The analysis is not blind: from the PnP dispatch routine it finds the routines the bug-check
-/// path must not call (mapping, waiting, registering) and the pageable code, and it sees the
-/// four callbacks' addresses handed to the registration there.
+/// path must not call (mapping, waiting, registering) and the pageable code, the bug-check rules
+/// refuse every import it reaches but `MmGetPhysicalAddress` (which start's DMA probe calls),
+/// and it sees the four callbacks' addresses handed to the registration there.
 pub fn pnp_path_is_seen(d: &Driver) -> Outcome {
     let pnp = d.function(&["pnp", "dispatch_pnp"])?;
     let r = reach(&d.image, &d.map, &[pnp]);
@@ -383,6 +417,20 @@ pub fn pnp_path_is_seen(d: &Driver) -> Outcome {
     if !violations.iter().any(|v| v.contains("MmMapIoSpaceEx")) {
         bad.push("the bug-check rules would not refuse dispatch_pnp's MmMapIoSpaceEx".to_owned());
     }
+    // Start proves DMA mode with MmGetPhysicalAddress: the one import not refused.
+    if !r.imports.contains_key(BUG_CHECK_PATH_IMPORT) {
+        bad.push(format!(
+            "the analysis does not see start's DMA probe reach {BUG_CHECK_PATH_IMPORT}"
+        ));
+    }
+    for name in r.imports.keys() {
+        let refused = refuses_call(&violations, name);
+        if name == BUG_CHECK_PATH_IMPORT && refused {
+            bad.push(format!("the bug-check rules refuse {name}, which DumpIo may call"));
+        } else if name != BUG_CHECK_PATH_IMPORT && !refused {
+            bad.push(format!("the bug-check rules would not refuse dispatch_pnp's {name}"));
+        }
+    }
     let roots = callbacks(d)?;
     for ((_, f), rva) in CALLBACKS.iter().zip(&roots) {
         if !r.address_taken.contains_key(rva) {
@@ -400,6 +448,84 @@ pub fn pnp_path_is_seen(d: &Driver) -> Outcome {
         list(r.imports.keys()),
         violations.len(),
         r.address_taken.len()
+    ))
+}
+
+/// Names that are not the driver's imports, each refused on the bug-check path for its own
+/// reason: the forbidden families (allocation, waits, locks, system services) and one unlisted
+/// routine.
+const NOT_IMPORTED: [&str; 5] = [
+    "ExAllocatePool2",
+    "KeWaitForSingleObject",
+    "KeAcquireSpinLockRaiseToDpc",
+    "ZwWriteFile",
+    "MmGetPhysicalAddressEx",
+];
+
+/// The exception is exactly one import wide: from all the driver's entry points (DriverEntry,
+/// AddDevice, the dispatch routines, Unload and the four callbacks) the analysis reaches every
+/// import of the image, and the bug-check rules refuse each one but `MmGetPhysicalAddress`. And
+/// any other routine, added to what the callbacks really reach, fails the bug-check check: every
+/// classified import, `KeBugCheckEx` included, the forbidden families and an unlisted name.
+pub fn other_imports_refused(d: &Driver) -> Outcome {
+    let callbacks = callbacks(d)?;
+    let mut roots = vec![d.map.exact("DriverEntry").ok_or("no DriverEntry in the map")?.rva];
+    for f in
+        ["add_device", "dispatch_pnp", "dispatch_power", "dispatch_pass_through", "driver_unload"]
+    {
+        roots.push(d.function(&["pnp", f])?);
+    }
+    roots.extend(&callbacks);
+    let everything = reach(&d.image, &d.map, &roots);
+    let violations = bug_check_violations(d, &everything);
+    let mut bad = Vec::new();
+    let mut refused = Vec::new();
+    for import in &d.image.imports {
+        let name = import.name.as_str();
+        if !everything.imports.contains_key(name) {
+            bad.push(format!("no entry point of the driver reaches the import {name}"));
+        } else if name == BUG_CHECK_PATH_IMPORT {
+            if refuses_call(&violations, name) {
+                bad.push(format!("the bug-check rules refuse {name}"));
+            }
+        } else if refuses_call(&violations, name) {
+            refused.push(name);
+        } else {
+            bad.push(format!("the bug-check rules would let a callback call {name}"));
+        }
+    }
+    // What the callbacks really reach, plus one more routine: only MmGetPhysicalAddress passes.
+    let base = reach(&d.image, &d.map, &callbacks);
+    let names: BTreeSet<&str> = irql::RULES
+        .iter()
+        .map(|r| r.name)
+        .chain(d.image.imports.iter().map(|i| i.name.as_str()))
+        .chain(NOT_IMPORTED)
+        .collect();
+    for &name in &names {
+        let mut r = base.clone();
+        // A call site in the DumpIo callback (CALLBACKS order).
+        r.imports.entry(name.to_owned()).or_default().insert(callbacks[2]);
+        let refused = refuses_call(&bug_check_violations(d, &r), name);
+        if name == BUG_CHECK_PATH_IMPORT && refused {
+            bad.push(format!("a callback calling {name} fails the bug-check check"));
+        } else if name != BUG_CHECK_PATH_IMPORT && !refused {
+            bad.push(format!("a callback calling {name} would pass the bug-check check"));
+        }
+    }
+    if !bad.is_empty() {
+        return Err(bad.join("\n"));
+    }
+    Ok(format!(
+        "the {} entry points reach all {} imports; the bug-check rules refuse {} of them ({}), \
+         all but {BUG_CHECK_PATH_IMPORT}; added to the callbacks' reach, each of {} routines \
+         (the classified ones, KeBugCheckEx among them, the forbidden families, an unlisted one) \
+         fails the bug-check check, {BUG_CHECK_PATH_IMPORT} alone passes",
+        roots.len(),
+        d.image.imports.len(),
+        refused.len(),
+        list(&refused),
+        names.len() - 1
     ))
 }
 
@@ -495,6 +621,7 @@ pub fn all(d: &Driver) -> Vec<(&'static str, Outcome)> {
         ("sections", sections(d)),
         ("bug-check path", bug_check_path(d)),
         ("the analysis sees the PnP path", pnp_path_is_seen(d)),
+        ("every other import is refused", other_imports_refused(d)),
         ("DISPATCH_LEVEL routines", dispatch_level_routines(d)),
         ("INF", inf(d)),
     ]

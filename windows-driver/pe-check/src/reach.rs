@@ -27,7 +27,7 @@ use iced_x86::{
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The result of [`reach`].
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Reach {
     /// Every reached instruction: RVA and length.
     pub instructions: BTreeMap<u32, u8>,

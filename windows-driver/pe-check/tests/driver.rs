@@ -3,7 +3,9 @@
 //! the evidence (also: `crashmon-pe-check --list`).
 
 use crashmon_windows_driver_check::checks::{self, Outcome};
+use crashmon_windows_driver_check::irql::BUG_CHECK_PATH_IMPORT;
 use crashmon_windows_driver_check::package::{self, Driver};
+use crashmon_windows_driver_check::reach::reach;
 use std::sync::OnceLock;
 
 fn driver() -> &'static Driver {
@@ -47,9 +49,31 @@ fn bug_check_callbacks_reach_only_resident_code_and_high_level_safe_imports() {
     println!("{}", checks::bug_check_listing(driver()).unwrap_or_default());
 }
 
+/// The one exception is really taken: the DumpIo callback calls `MmGetPhysicalAddress` (DMA
+/// mode), so the bug-check check above does not pass only because the DMA path was optimised
+/// away; the other three callbacks call no kernel routine at all.
+#[test]
+fn only_the_dump_io_callback_reaches_an_import_and_it_is_mm_get_physical_address() {
+    let d = driver();
+    let roots = checks::callbacks(d).unwrap_or_else(|e| panic!("{e}"));
+    for ((role, f), rva) in checks::CALLBACKS.iter().zip(roots) {
+        let r = reach(&d.image, &d.map, &[rva]);
+        let imports: Vec<&str> = r.imports.keys().map(String::as_str).collect();
+        let expected: &[&str] =
+            if *role == "BugCheckDumpIoCallback" { &[BUG_CHECK_PATH_IMPORT] } else { &[] };
+        assert_eq!(imports, expected, "{role} ({f}) reaches these imports");
+        println!("{role}: imports {imports:?}");
+    }
+}
+
 #[test]
 fn the_analysis_sees_forbidden_imports_and_paged_code_on_the_pnp_path() {
     expect("the analysis sees the PnP path", checks::pnp_path_is_seen(driver()));
+}
+
+#[test]
+fn the_bug_check_rules_refuse_every_import_but_mm_get_physical_address() {
+    expect("every other import is refused", checks::other_imports_refused(driver()));
 }
 
 #[test]
