@@ -282,6 +282,8 @@ pub const SYSCALLS: &[(&str, i64)] = {
         ("newfstatat", SYS_newfstatat),
         ("fstat", SYS_fstat),
         ("fdatasync", SYS_fdatasync),
+        // Writeback started while a dump streams (sync_file_range with SYNC_FILE_RANGE_WRITE).
+        ("sync_file_range", SYS_sync_file_range),
         // A dump that ends in zero pages left as holes gets its length with set_len.
         ("ftruncate", SYS_ftruncate),
         // Dumps' and sidecars' mode and group (--file-mode, --file-group), on the new file.
