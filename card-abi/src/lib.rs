@@ -139,14 +139,16 @@
 //! A DMA chunk is described as in copy mode except that `CHUNK_FLAGS` has
 //! [`chunk_flags::DMA`], slot `CHUNK_SLOT` holds `CHUNK_RANGES` [`DmaRange`] entries (16 bytes
 //! each: guest-physical address, length, zero), and `CHUNK_LENGTH` is the sum of their lengths
-//! (up to the largest `u32`, not bounded by the slot). The card checks the list when the doorbell
-//! rings: a count out of range, an entry of length 0, nonzero reserved bits, lengths that do not
-//! add up to `CHUNK_LENGTH`, or a range not wholly inside guest memory mapped for DMA refuses the
-//! doorbell with `BAD_DMA` (`BAD_LENGTH` for the count and the sum). An accepted DMA doorbell
-//! owns its slot like any other; its turn in `COMPLETED` comes once the card has read every
-//! range and written the bytes. **The guest's buffer belongs to the card until then**: a
-//! DumpIo callback returns only once `COMPLETED` has passed its last DMA doorbell, because
-//! Windows may reuse the buffer as soon as the callback returns.
+//! (1..=`SLOT_SIZE`, as in copy mode). The card checks the list when the doorbell rings: a count
+//! out of range, an entry of length 0, nonzero reserved bits, lengths that do not add up to
+//! `CHUNK_LENGTH`, or a range not wholly inside guest memory mapped for DMA refuses the doorbell
+//! with `BAD_DMA` (`BAD_LENGTH` for the count and the sum). An accepted DMA doorbell reads the
+//! ranges into the slot, over the list, before the card answers any later register access;
+//! from then on the chunk is like a copy-mode one (the slot is the host's until `COMPLETED`
+//! passes it). **The guest's buffer is the driver's again once a register read that follows
+//! the doorbell has returned** (the doorbell write may be posted; the read waits for it): the
+//! driver reads `STATUS` after each DMA doorbell, which also tells it of a refusal, before its
+//! DumpIo callback returns and Windows reuses the buffer.
 //!
 //! ## Errors
 //! A refused command changes nothing on the host except the refusal count in the sidecar, sets

@@ -543,13 +543,27 @@ impl CrashMonitorCard {
         }
         let dma = chunk.flags & chunk_flags::DMA != 0;
         let len = chunk.length as usize;
-        if len == 0 || (!dma && len > abi::SLOT_SIZE as usize) {
+        if len == 0 || len > abi::SLOT_SIZE as usize {
             return Err(ErrorCode::BadLength);
         }
         if self.window.is_owned(chunk.slot) {
             return Err(ErrorCode::SlotBusy);
         }
-        let pieces = if dma { Some(self.dma_pieces(&chunk)?) } else { None };
+        if dma {
+            // DMA: the guest's bytes go into the slot now, over the list they were described
+            // by, and from here on the chunk is like any other. The guest has its buffer back
+            // as soon as any register read after the doorbell returns (writes are posted, and a
+            // read waits for them). Guest RAM is memory (a memfd), so this reads no disk.
+            let pieces = self.dma_pieces(&chunk)?;
+            let mut at = 0;
+            for piece in &pieces {
+                piece.read_into(&self.window, chunk.slot, at).map_err(|e| {
+                    warn!("VM {}: DMA read of guest memory failed: {e}", self.capture.vm_name);
+                    ErrorCode::BadDma
+                })?;
+                at += piece.len();
+            }
+        }
         let explicit = chunk.offset != abi::OFFSET_SEQUENTIAL;
         let max = self.capture.max_dump_size;
         // Placed before a session is opened for it, so a bad first chunk opens no file.
@@ -572,8 +586,7 @@ impl CrashMonitorCard {
         if !self.window.claim(chunk.slot, SlotOwner { epoch: self.epoch, seq }) {
             return Err(ErrorCode::SlotBusy);
         }
-        let job =
-            WriteJob { slot: chunk.slot, len: chunk.length, kind, start, explicit, dma: pieces };
+        let job = WriteJob { slot: chunk.slot, len: chunk.length, kind, start, explicit, dma };
         if !session.writer.write(job) {
             self.window.release(chunk.slot);
             return Err(ErrorCode::HostIo);
@@ -929,7 +942,8 @@ mod tests {
         assert_eq!(rig.error(), ErrorCode::None);
         rig.w(regs::CHUNK_FLAGS, 0);
         rig.chunk(1, DumpIoType::Body, abi::OFFSET_SEQUENTIAL, &[9; 5]);
-        let bad: [(&[DmaRange], u32, ErrorCode); 7] = [
+        let big = [range(0x10_0000, 0x10000); 17]; // more than a slot
+        let bad: [(&[DmaRange], u32, ErrorCode); 8] = [
             (&[range(0x10_F000, 0x1001)], 0x1001, ErrorCode::BadDma), // past the mapping
             (&[range(0x20_0000, 1)], 1, ErrorCode::BadDma),           // not mapped
             (&[range(0x10_0000, 0)], 1, ErrorCode::BadDma),           // empty entry
@@ -937,6 +951,7 @@ mod tests {
             (&[range(0x10_0000, 8)], 9, ErrorCode::BadLength), // lengths do not add up
             (&[range(0x10_0000, 8)], 7, ErrorCode::BadLength),
             (&[], 1, ErrorCode::BadLength), // no entry
+            (&big, 0x11_0000, ErrorCode::BadLength),
         ];
         for (ranges, length, code) in bad {
             rig.w(regs::CONTROL, control::CLEAR_ERROR);
@@ -961,7 +976,7 @@ mod tests {
         assert_eq!(&data[..0x3000], &ram[0x2000..0x5000]);
         assert_eq!(&data[0x3000..0x3010], &ram[0x100..0x110]);
         assert_eq!(&data[0x3010..], &[9; 5]);
-        assert_eq!(sc.rejected_chunks, 9);
+        assert_eq!(sc.rejected_chunks, 10);
     }
 
     #[test]

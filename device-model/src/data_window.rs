@@ -122,6 +122,53 @@ impl DataWindow {
         Some(())
     }
 
+    /// DMA into the window: reads `len` bytes of `file` at `offset` into `slot` at `at`, with
+    /// `pread` straight into the shared mapping. An error if the range is not inside the slot
+    /// or the file ends first.
+    pub fn pread_into(
+        &self,
+        slot: u32,
+        at: usize,
+        file: &File,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        let end = at.checked_add(len).filter(|&e| e <= SLOT_SIZE as usize);
+        if slot >= SLOT_COUNT || end.is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "DMA past the slot"));
+        }
+        let mut done = 0usize;
+        while done < len {
+            let start = slot as usize * SLOT_SIZE as usize + at + done;
+            let file_offset = offset.checked_add(done as u64).and_then(|o| i64::try_from(o).ok());
+            let Some(file_offset) = file_offset else {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "DMA file offset"));
+            };
+            // SAFETY: `start .. start + (len - done)` is inside the mapping (slot < SLOT_COUNT,
+            // at + len <= SLOT_SIZE); the kernel writes plain bytes there, which the guest may
+            // change at any time anyway (see `copy_out`).
+            let n = unsafe {
+                nix::libc::pread(
+                    file.as_raw_fd(),
+                    self.map.as_mut_ptr().add(start).cast(),
+                    len - done,
+                    file_offset,
+                )
+            };
+            match n {
+                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "DMA past the file")),
+                n if n < 0 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
+
     /// Region read of BAR2, for a client that does not mmap it. `None` when out of range.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Option<()> {
         offset.checked_add(out.len() as u64).filter(|&e| e <= BAR2_SIZE)?;

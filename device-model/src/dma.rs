@@ -100,6 +100,17 @@ impl DmaPiece {
         self.len == 0
     }
 
+    /// Reads the piece's bytes into the data window's `slot` at `at`. An error if they do not
+    /// fit the slot or the file is shorter than the mapping said.
+    pub fn read_into(
+        &self,
+        window: &crate::data_window::DataWindow,
+        slot: u32,
+        at: usize,
+    ) -> io::Result<()> {
+        window.pread_into(slot, at, &self.file, self.offset, self.len())
+    }
+
     /// Reads the piece's bytes from `at` into `buf` (`at + buf.len()` at most [`Self::len`]).
     /// An error if the file is shorter than the mapping said.
     pub fn read(&self, at: usize, buf: &mut [u8]) -> io::Result<()> {

@@ -19,8 +19,9 @@
 //!   agree with the model;
 //! * DMA mode: a DMA probe reads exactly the guest memory the model holds, or is refused when
 //!   that memory is not mapped; an accepted DMA chunk named only mapped guest memory, with
-//!   lengths that add up, and its bytes in the file are guest memory as it was at the doorbell
-//!   (bytes the guest changed while the chunk was in flight may be either).
+//!   lengths that add up to at most a slot, and its bytes in the file are guest memory as it
+//!   was at the doorbell, whatever the guest does to its RAM afterwards (the card reads it
+//!   into the slot as the doorbell rings; changes to the slot while it is owned may be either).
 
 use crate::Input;
 use crashmon_card_abi::{
@@ -230,8 +231,6 @@ struct InFlight {
     session: usize,
     start: u64,
     len: usize,
-    /// The bytes are read from guest memory, not from the slot.
-    dma: bool,
 }
 
 impl ModelSession {
@@ -380,7 +379,7 @@ impl Harness {
                 s.cursor = end;
                 s.received += len as u64;
                 s.chunks += 1;
-                self.in_flight[slot as usize] = Some(InFlight { session, start, len, dma });
+                self.in_flight[slot as usize] = Some(InFlight { session, start, len });
             }
             _ => panic!("a doorbell of type {kind:?} was accepted"),
         }
@@ -390,7 +389,12 @@ impl Harness {
     /// is valid: every entry non-empty with no reserved bit, inside mapped guest memory, the
     /// lengths adding up to `len`. `None` for a list the card must refuse.
     fn dma_snapshot(&self, slot: u32, len: usize, count: u32) -> Option<Vec<u8>> {
-        if slot >= SLOT_COUNT || count == 0 || count > abi::MAX_DMA_RANGES || !self.mapped {
+        if slot >= SLOT_COUNT
+            || len > SLOT_SIZE as usize
+            || count == 0
+            || count > abi::MAX_DMA_RANGES
+            || !self.mapped
+        {
             return None;
         }
         let mut list = vec![0u8; count as usize * DmaRange::SIZE];
@@ -421,9 +425,9 @@ impl Harness {
         let len = data.len();
         if self.card.window().is_owned(slot) {
             // The writer may copy the old bytes or the new ones (or a mix): a guest that does
-            // this only spoils its own dump. (A DMA chunk's slot holds only its list, which
-            // the card read at the doorbell.)
-            if let Some(f) = self.in_flight[slot as usize].filter(|f| !f.dma) {
+            // this only spoils its own dump. (A DMA chunk's bytes are in its slot too: the card
+            // read them there as the doorbell rang.)
+            if let Some(f) = self.in_flight[slot as usize] {
                 let lo = f.start as usize + (at as usize).min(f.len);
                 let hi = f.start as usize + (at as usize + len).min(f.len);
                 if lo < hi {
@@ -463,21 +467,14 @@ impl Harness {
         self.ring();
     }
 
-    /// The guest changes its own RAM: chunks still reading it may carry old or new bytes.
+    /// The guest changes its own RAM: DMA chunks already accepted keep the bytes the card read
+    /// at their doorbells.
     fn guest_write(&mut self, at: u16, len: u16, seed: u8) {
         let at = at as usize % GUEST_SIZE;
         let len = (len as usize).min(GUEST_SIZE - at);
         let data: Vec<u8> = (0..len).map(|i| fill_pattern(seed, i)).collect();
         self.guest.write_all_at(&data, at as u64).unwrap();
         self.guest_model[at..at + len].copy_from_slice(&data);
-        for slot in 0..SLOT_COUNT {
-            if let Some(f) = self.in_flight[slot as usize].filter(|f| f.dma) {
-                if self.card.window().is_owned(slot) && len > 0 {
-                    let start = f.start as usize;
-                    self.sessions[f.session].unknown.push((start, start + f.len));
-                }
-            }
-        }
     }
 
     fn dma_probe(&mut self, at: u16) {

@@ -12,9 +12,6 @@ use crashmon_card_abi::{
 /// time, so a buffer is walked page by page and physically contiguous pages are merged.
 const PAGE_SIZE: usize = 0x1000;
 
-/// The largest length one DMA doorbell carries (whole pages, below 4 GiB).
-const DMA_MAX_CHUNK: u32 = 1 << 30;
-
 /// How many polls in a row may read the same `HOST_CLOCK_MS` before the driver decides the
 /// host's clock is frozen and gives up. The clock ticks every millisecond and a poll takes
 /// microseconds, so a working host never gets near this; it only stops a card that answers with
@@ -265,9 +262,10 @@ impl<Io: CardIo> Card<Io> {
     /// contiguous pages merged) in a slot's scatter list, and the card reads it from memory.
     /// Bug-check path: no allocation (the list is written entry by entry into the slot), and
     /// `MmGetPhysicalAddress` is the only kernel routine called. Windows may reuse the buffer as
-    /// soon as this returns, so it returns only once the card has finished every doorbell it
-    /// rang. A page with no physical address sends the rest of the buffer in copy mode; a
-    /// doorbell the card refuses as `BAD_DMA` does too, and ends DMA mode.
+    /// soon as this returns: the card reads the ranges when the doorbell rings, and the STATUS
+    /// read after each doorbell returns only once it has (see the datasheet's "DMA mode"). A
+    /// page with no physical address sends the rest of the buffer in copy mode; a doorbell the
+    /// card refuses as `BAD_DMA` does too, and ends DMA mode.
     fn dump_io_dma(
         &mut self,
         offset: u64,
@@ -285,11 +283,13 @@ impl<Io: CardIo> Card<Io> {
             let mut entries = 0u32;
             let mut pending: Option<DmaRange> = None;
             while done < buffer.len() {
-                let va = start.wrapping_add(done);
-                let n = (PAGE_SIZE - va % PAGE_SIZE).min(buffer.len() - done);
-                if (done - chunk_start) + n > DMA_MAX_CHUNK as usize {
+                // A DMA chunk fills at most a slot, as a copied one does.
+                let room = self.slot_size as usize - (done - chunk_start);
+                if room == 0 {
                     break;
                 }
+                let va = start.wrapping_add(done);
+                let n = (PAGE_SIZE - va % PAGE_SIZE).min(buffer.len() - done).min(room);
                 let pa = self.io.get_physical_address(va);
                 if pa == 0 {
                     fallback = true;
@@ -345,11 +345,8 @@ impl<Io: CardIo> Card<Io> {
                 fallback = true;
             }
         }
-        // The buffer is the card's until COMPLETED has passed the last doorbell.
-        self.wait(|card| {
-            card.completed = card.io.read_register(regs::COMPLETED);
-            Ok((card.rung.wrapping_sub(card.completed) as i32 <= 0).then_some(()))
-        })?;
+        // Every doorbell above was followed by a STATUS read, so the card has read every range
+        // already: the buffer is the system's again.
         let rest = buffer.get(done..).unwrap_or(&[]);
         if rest.is_empty() {
             return Ok(());
@@ -649,6 +646,8 @@ mod tests {
         translated: RefCell<Vec<(u64, usize)>>,
         /// The card refuses DMA doorbells as BAD_DMA.
         refuse_dma: bool,
+        /// SLOT_SIZE (64 when 0).
+        slot_size: u32,
         error: RefCell<u32>,
     }
 
@@ -674,7 +673,8 @@ mod tests {
                 regs::VERSION => abi::ABI_VERSION,
                 regs::CAPABILITIES => cap::ALL,
                 regs::SLOT_COUNT => 2,
-                regs::SLOT_SIZE => 64, // four entries a slot
+                regs::SLOT_SIZE if self.slot_size == 0 => 64,
+                regs::SLOT_SIZE => self.slot_size,
                 regs::COMPLETED => self.writes(regs::DOORBELL).len() as u32,
                 regs::STATUS => {
                     let e = *self.error.borrow();
@@ -726,7 +726,8 @@ mod tests {
     #[test]
     fn dma_mode_is_proved_then_buffers_go_as_merged_physical_ranges() {
         let buf = Pages([0; 7 * PAGE_SIZE]);
-        let fake = DmaCard { origin: buf.0.as_ptr() as usize, ..Default::default() };
+        let fake =
+            DmaCard { origin: buf.0.as_ptr() as usize, slot_size: 0x4000, ..Default::default() };
         let mut card = Card::probe(&fake).unwrap();
         let mut probe = DmaProbeBuffer::new();
         assert!(card.prove_dma(&mut probe, 7));
@@ -742,10 +743,16 @@ mod tests {
             .map(|(_, e)| DmaRange::from_bytes(e.as_slice().try_into().unwrap()))
             .collect();
         let lengths: Vec<u32> = ranges.iter().map(|r| r.length).collect();
-        assert_eq!(lengths, [0x1800, 0x1000, 0x2000, 0x1000, 0x100]);
-        assert_eq!(ranges[0].address, fake.pa(base));
-        assert_eq!(fake.writes(regs::CHUNK_RANGES), [4, 1], "four entries fill a slot");
-        assert_eq!(fake.writes(regs::CHUNK_LENGTH), [0x5800, 0x100]);
+        // A chunk fills at most a slot (0x4000 here): page 4 is split between two doorbells.
+        assert_eq!(lengths, [0x1800, 0x1000, 0x1800, 0x800, 0x1000, 0x100]);
+        let mut va = base;
+        for r in &ranges {
+            assert_eq!(r.address, fake.pa(va), "each range starts where its bytes are");
+            va += r.length as usize;
+        }
+        assert_eq!(fake.writes(regs::CHUNK_RANGES), [3, 3]);
+        assert_eq!(fake.writes(regs::CHUNK_LENGTH), [0x4000, 0x1900]);
+        assert_eq!(fake.writes(regs::STATUS), [], "STATUS is read, never written");
         assert_eq!(fake.writes(regs::CHUNK_FLAGS), [chunk_flags::DMA]);
         // Copy mode again for a card without DMA... and a complete doorbell clears the flag.
         card.dump_io(OFFSET_SEQUENTIAL, DumpIoType::Complete, &[]).unwrap();
@@ -757,13 +764,16 @@ mod tests {
         let buf = Pages([0; 7 * PAGE_SIZE]);
         let first_page = buf.0.as_ptr() as usize / PAGE_SIZE;
         // Pages 3.. have no physical address: three pages by DMA, the rest copied.
-        let fake = DmaCard { no_pa: first_page + 3..first_page + 7, ..Default::default() };
+        let fake = DmaCard {
+            no_pa: first_page + 3..first_page + 7,
+            slot_size: 0x4000,
+            ..Default::default()
+        };
         let mut card = Card::probe(&fake).unwrap();
         assert!(card.prove_dma(&mut DmaProbeBuffer::new(), 1));
         card.dump_io(0, DumpIoType::Body, &buf.0[..4 * PAGE_SIZE]).unwrap();
-        let lengths = fake.writes(regs::CHUNK_LENGTH);
-        assert_eq!((lengths[0], lengths.len()), (0x3000, 65), "one DMA chunk, 64 copied");
-        assert!(lengths[1..].iter().all(|l| *l == 64));
+        assert_eq!(fake.writes(regs::CHUNK_LENGTH), [0x3000, 0x1000], "one DMA chunk, one copied");
+        assert_eq!(fake.writes(regs::CHUNK_FLAGS), [chunk_flags::DMA, 0]);
         assert_eq!(fake.writes(regs::CHUNK_OFFSET_LO)[..2], [0, 0x3000]);
         assert!(card.dma(), "a page without an address does not end DMA mode");
         // A card that refuses DMA doorbells: the chunk is resent by copy, DMA mode ends.
@@ -772,7 +782,7 @@ mod tests {
         assert!(card.prove_dma(&mut DmaProbeBuffer::new(), 1));
         card.dump_io(OFFSET_SEQUENTIAL, DumpIoType::Body, &buf.0[..100]).unwrap();
         assert!(!card.dma());
-        assert_eq!(fake.writes(regs::CHUNK_LENGTH), [100, 64, 36]);
+        assert_eq!(fake.writes(regs::CHUNK_LENGTH), [64, 64, 36], "refused by DMA, resent by copy");
         // A card without the capability, or memory with no address, never enters DMA mode.
         let fake = DmaCard { no_pa: 0..usize::MAX, ..Default::default() };
         let mut card = Card::probe(&fake).unwrap();

@@ -26,7 +26,6 @@ use super::quota;
 use super::{Closing, Finished, Session, SessionName};
 use crate::capture::{BugCheckInfo, CaptureConfig};
 use crate::data_window::DataWindow;
-use crate::dma::DmaPiece;
 use crate::events::{DumpFields, Event};
 use crashmon_card_abi::ErrorCode;
 use crashmon_card_abi::{DumpIoType, SLOT_COUNT, SLOT_SIZE};
@@ -41,14 +40,12 @@ use std::time::{Duration, Instant};
 /// Queue entries: one per slot (a slot is claimed by at most one queued write) and the close.
 const QUEUE_DEPTH: usize = SLOT_COUNT as usize + 1;
 
-/// One chunk for the writer: its bytes are in `slot` (or, in DMA mode, in guest memory that
-/// `slot`'s scatter list named), which it owns until they are written.
-#[derive(Clone, Debug)]
+/// One chunk for the writer: its bytes are in `slot`, which it owns until they are written.
+#[derive(Clone, Copy, Debug)]
 pub struct WriteJob {
-    /// The slot holding the bytes, or the scatter list.
+    /// The slot holding the bytes.
     pub slot: u32,
-    /// How many bytes (1..=SLOT_SIZE in copy mode, the sum of the pieces in DMA mode; checked
-    /// by the card).
+    /// How many bytes (1..=SLOT_SIZE, checked by the card).
     pub len: u32,
     /// What they are.
     pub kind: DumpIoType,
@@ -56,8 +53,9 @@ pub struct WriteJob {
     pub start: u64,
     /// Whether the guest gave the offset (rather than Offset -1).
     pub explicit: bool,
-    /// DMA mode: the guest memory holding the bytes, resolved and checked by the card.
-    pub dma: Option<Vec<DmaPiece>>,
+    /// The card read the bytes from guest memory into the slot (DMA mode), rather than the
+    /// guest storing them there.
+    pub dma: bool,
 }
 
 enum Job {
@@ -223,49 +221,26 @@ enum JobError {
     Io(io::Error),
 }
 
-/// Writes one job's bytes into the dump, through `buffer`: copy mode from the job's slot, DMA
-/// mode from the guest memory the card resolved, a slot's worth at a time.
-///
-/// The bytes go through the writer's own buffer rather than straight from shared memory into
-/// the file, so that the zero-page test, the hash and the file all see the same bytes even if
-/// the guest changes them meanwhile (a guest that does spoils only its own dump, and the
-/// sidecar's hash still matches the file). Guest memory is read with `pread` on the file QEMU
-/// shared, so none of it is mapped into the device model.
+/// Writes one job's bytes into the dump through `buffer`: the writer's own copy of the slot, so
+/// that the zero-page test, the hash and the file all see the same bytes even if the guest
+/// changes the slot meanwhile (a guest that does spoils only its own dump, and the sidecar's
+/// hash still matches the file).
 fn write_job(
     s: &mut Session,
     job: &WriteJob,
     window: &DataWindow,
     buffer: &mut Vec<u8>,
 ) -> Result<(), JobError> {
-    let Some(pieces) = &job.dma else {
-        let len = (job.len as usize).min(SLOT_SIZE as usize);
-        if buffer.len() < len {
-            buffer.resize(len, 0);
-        }
-        let data = &mut buffer[..len];
-        window
-            .copy_out(job.slot, data)
-            .ok_or(JobError::Lost("a chunk named a slot outside the window"))?;
-        return s.write(job.kind, job.start, job.explicit, data).map_err(JobError::Io);
-    };
-    let mut at = job.start;
-    for piece in pieces {
-        let mut done = 0;
-        while done < piece.len() {
-            let n = (piece.len() - done).min(SLOT_SIZE as usize);
-            if buffer.len() < n {
-                buffer.resize(n, 0);
-            }
-            let data = &mut buffer[..n];
-            piece
-                .read(done, data)
-                .map_err(|_| JobError::Lost("guest memory of a DMA chunk could not be read"))?;
-            s.write_part(job.kind, at, job.explicit, data).map_err(JobError::Io)?;
-            at += n as u64;
-            done += n;
-        }
+    let len = (job.len as usize).min(SLOT_SIZE as usize);
+    if buffer.len() < len {
+        buffer.resize(len, 0);
     }
-    s.count_chunk(true);
+    let data = &mut buffer[..len];
+    window
+        .copy_out(job.slot, data)
+        .ok_or(JobError::Lost("a chunk named a slot outside the window"))?;
+    s.write_part(job.kind, job.start, job.explicit, data).map_err(JobError::Io)?;
+    s.count_chunk(job.dma);
     Ok(())
 }
 
