@@ -7,8 +7,8 @@
 //!   measured, then the dump. With that guest halted, QEMU's host-side `dump-guest-memory`
 //!   (ELF, no paging, fsync'd) writes the same RAM to the same filesystem (the anchor), and
 //!   `dd if=/dev/zero conv=fsync` writes as many bytes there (the disk's limit).
-//! * **copy mode** (guest RAM not shared: the driver's DMA probe fails), the same dump through
-//!   the data window;
+//! * **copy mode** (the same shared RAM, the guest's driver told not to use DMA: `dma=off`), the
+//!   same dump copied through the data window;
 //! * **half zero** (DMA mode, the workload leaves half its pages zero, as free memory is on
 //!   Windows): the time and the disk space the sparse dump takes.
 //!
@@ -161,10 +161,10 @@ pub fn run(rig: &Rig, sizes_mb: &[u32], repeat: usize, work_dir: &Path) -> Resul
                 Ok(())
             })?;
             ensure!(dma.dma_chunks > 0, "the shared-memory guest did not use DMA mode");
-            // Copy mode: the guest's RAM is not shared, so the DMA probe fails.
-            let s = Scenario { shared_memory: false, ..sized(name("copy")) };
+            // Copy mode: the same shared RAM, but the guest's driver does not use DMA (dma=off).
+            let s = Scenario { guest_dma: false, ..sized(name("copy")) };
             let copy = crash(rig, &s, &work_dir.join(&s.name), &mut peak, None, |_| Ok(()))?;
-            ensure!(copy.dma_chunks == 0, "the private-memory guest used DMA mode");
+            ensure!(copy.dma_chunks == 0, "the dma=off guest used DMA mode");
             // Half the workload's pages zero.
             let s = Scenario { zero_percent: 50, ..sized(name("half-zero")) };
             let half = crash(rig, &s, &work_dir.join(&s.name), &mut peak, None, |_| Ok(()))?;
@@ -267,8 +267,10 @@ pub fn table(rows: &[Row], repeat: usize, qemu_version: &str) -> String {
         "* **DMA mode**: guest RAM shared with the device model (`memory-backend-memfd,share=on`, \
          as `qemu-config/crashmon-card.args` has it); the driver proved DMA at start, and its \
          DumpIo callback hands the card physical ranges that the card reads with `pread` from \
-         the memory QEMU shares. **copy mode**: guest RAM not shared (`share=off`), so the \
-         driver's DMA probe fails and it copies every buffer into the card's data window. \
+         the memory QEMU shares, into its data window. **copy mode**: the same VM with the \
+         guest's driver told not to use DMA (guest option `dma=off`): it copies every buffer \
+         into the card's data window itself (under TCG each of those stores into the \
+         window, a `ram_device` region, is emulated one by one). \
          Both: a full Windows dump (type 1); time from the bug check announced on the card to \
          the dump fsync'd under its final name (the sidecar's started_at and ended_at); every \
          dump verified (kdmp-parser; every page against QEMU's memory).\n\

@@ -58,6 +58,10 @@ enum Cmd {
         /// Write with explicit offsets, back to front, instead of Offset -1 in file order.
         #[arg(long)]
         out_of_order: bool,
+        /// The guest's driver does not use DMA mode (guest option `dma=off`): the dump goes
+        /// through the card's data window (copy mode).
+        #[arg(long)]
+        copy_mode: bool,
     },
     /// Benchmark crashmon against QEMU's dump-guest-memory (the anchor) in the same run, and
     /// write the table to a file.
@@ -90,10 +94,11 @@ fn main() {
     let cli: Cli = crashmon_cli::parse("crashmon-harness");
     let result = match cli.command {
         Cmd::ProvisionQemu => provision_qemu(),
-        Cmd::Demo { out, memory_mb, vm_name, trigger, bitmap, out_of_order } => {
+        Cmd::Demo { out, memory_mb, vm_name, trigger, bitmap, out_of_order, copy_mode } => {
             let mut scenario = Scenario::new(&vm_name);
             scenario.memory_mb = memory_mb;
             scenario.bitmap = bitmap;
+            scenario.guest_dma = !copy_mode;
             scenario.out_of_order = out_of_order;
             match trigger {
                 TriggerArg::Bugcheck => {}

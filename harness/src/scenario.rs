@@ -69,6 +69,9 @@ pub struct Scenario {
     /// the card reads the dump from guest memory. Off, the probe fails and the dump goes
     /// through the data window (copy mode).
     pub shared_memory: bool,
+    /// The guest's driver may prove DMA mode (the default); off (`dma=off`), it uses copy mode
+    /// even with shared guest RAM.
+    pub guest_dma: bool,
 }
 
 impl Scenario {
@@ -89,6 +92,7 @@ impl Scenario {
             migration_blocker: true,
             zero_percent: 0,
             shared_memory: true,
+            guest_dma: true,
         }
     }
 
@@ -113,6 +117,9 @@ impl Scenario {
         }
         if self.zero_percent > 0 {
             a += &format!(" zero={}", self.zero_percent);
+        }
+        if !self.guest_dma {
+            a += " dma=off";
         }
         a
     }

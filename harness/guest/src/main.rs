@@ -64,8 +64,9 @@ fn fail(what: &str) {
 /// register its callbacks). The first start is followed by an unload (`stop`: deregistration
 /// of all four callbacks, card reset) and a second start, as a driver reload would do, and
 /// the callback lists are checked after each step.
-fn start_driver() -> Result<(), &'static str> {
+fn start_driver(dma: bool) -> Result<(), &'static str> {
     let (_, io) = pci::find_card()?;
+    let io = io.with_physical_addresses(dma);
     let start = || {
         DRIVER.start(io, &callbacks::GuestRegistry).map_err(|e| match e {
             crashmon_guest_driver::driver::StartError::AlreadyStarted => "driver already started",
@@ -148,7 +149,7 @@ pub extern "C" fn kernel_main(start_info: u64) -> ! {
     if !services::self_test() {
         fail("services self-test");
     }
-    if let Err(e) = start_driver() {
+    if let Err(e) = start_driver(config.dma) {
         fail(e);
     }
     if let Err(e) = misbehave::register(config.misbehave) {

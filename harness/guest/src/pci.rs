@@ -138,6 +138,15 @@ pub struct GuestCardIo {
     registers: u64,
     window: u64,
     window_size: u64,
+    /// Whether `MmGetPhysicalAddress` answers (`dma=off` makes it know no address).
+    physical_addresses: bool,
+}
+
+impl GuestCardIo {
+    /// The same card, with `MmGetPhysicalAddress` answering or not.
+    pub fn with_physical_addresses(self, on: bool) -> Self {
+        Self { physical_addresses: on, ..self }
+    }
 }
 
 impl CardIo for GuestCardIo {
@@ -170,6 +179,9 @@ impl CardIo for GuestCardIo {
     /// `MmGetPhysicalAddress`: a walk of the live page tables from CR3 (reads only, no lock:
     /// callable on the bug-check path like Windows' routine).
     fn get_physical_address(&self, va: usize) -> u64 {
+        if !self.physical_addresses {
+            return 0;
+        }
         boot::translate(va as u64).unwrap_or(0)
     }
 }
@@ -197,5 +209,13 @@ pub fn find_card() -> Result<(Function, GuestCardIo), &'static str> {
         bar2.size,
         if bar2.is_64 { " 64-bit" } else { "" }
     );
-    Ok((f, GuestCardIo { registers: bar0.base, window: bar2.base, window_size: bar2.size }))
+    Ok((
+        f,
+        GuestCardIo {
+            registers: bar0.base,
+            window: bar2.base,
+            window_size: bar2.size,
+            physical_addresses: true,
+        },
+    ))
 }

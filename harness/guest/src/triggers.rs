@@ -12,6 +12,7 @@
 //! | `reboot` | number | 0 | after a dump, reset the machine while fewer than this many resets have happened (counted in CMOS), so the next boot crashes again |
 //! | `seed` | number | [`workload::DEFAULT_SEED`] | the workload's seed |
 //! | `zero` | 0 to 100 | 0 | percent of the workload's pages left all zero ([`workload::is_zero_page`]), as Windows keeps free memory zeroed |
+//! | `dma` | `on`, `off` | `on` | `off`: the driver's `MmGetPhysicalAddress` knows no address, so its DMA probe fails and it uses copy mode even with shared guest RAM |
 //!
 //! Triggers: `bugcheck` calls `KeBugCheckEx`; `nmi` waits halted for an NMI (QMP `inject-nmi`),
 //! which bug checks 0x80 NMI_HARDWARE_FAILURE as Windows does when told to crash on NMI;
@@ -63,6 +64,8 @@ pub struct Config {
     pub seed: u64,
     /// `zero=`: percent of workload pages left zero.
     pub zero_percent: u64,
+    /// `dma=`: whether the driver may prove DMA mode.
+    pub dma: bool,
     /// This boot's index since QEMU started (0 first), from CMOS.
     pub boot_index: u64,
 }
@@ -79,6 +82,7 @@ impl Config {
         reboot: 0,
         seed: workload::DEFAULT_SEED,
         zero_percent: 0,
+        dma: true,
         boot_index: 0,
     };
 }
@@ -144,6 +148,13 @@ pub fn init(cmdline: &str) -> Config {
             "reboot" => number(value).map(|v| c.reboot = v).is_some(),
             "seed" => number(value).map(|v| c.seed = v).is_some(),
             "zero" => number(value).filter(|&v| v <= 100).map(|v| c.zero_percent = v).is_some(),
+            "dma" => match value {
+                "on" | "off" => {
+                    c.dma = value == "on";
+                    true
+                }
+                _ => false,
+            },
             _ => false,
         };
         if !ok {
