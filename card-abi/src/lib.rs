@@ -9,8 +9,9 @@
 //! When Windows bug checks it hands every piece of its crash dump to each registered
 //! `KbCallbackDumpIo` callback as a `KBUGCHECK_DUMP_IO` (Offset, Buffer, BufferLength, Type), "to
 //! allow system crash dump data to be written to devices other than the disk". The card is that
-//! other device: the callback copies each buffer into the card's data window and rings a doorbell,
-//! and the host turns the stream back into the dump file Windows would have written.
+//! other device: the callback copies each buffer into the card's data window (or, in
+//! [DMA mode](#dma-mode), describes where it lies in memory) and rings a doorbell, and the host
+//! turns the stream back into the dump file Windows would have written.
 //!
 //! ## PCI identity
 //! | field | value |
@@ -104,7 +105,8 @@
 //!
 //! ## Flow control
 //! The card never waits for the host's disk: a doorbell hands its slot to the host's writer and
-//! is answered at once, and every register read is answered from memory. The slot belongs to the
+//! is answered at once (a DMA doorbell first reads its ranges of guest memory into the slot),
+//! and every register read is answered from memory. The slot belongs to the
 //! host until its bytes are in the dump file; then `COMPLETED` advances past that doorbell and
 //! the guest may fill the slot again. `COMPLETED` counts doorbells finished *in order* (it never
 //! passes a doorbell whose slot the host still owns), so with `n` doorbells rung, slot
