@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # fuzz/run.sh [SECONDS]: builds crashmon's fuzz targets and runs each for SECONDS (default 60)
-# from its committed seeds (corpus/TARGET); fails on any crash, timeout or out-of-memory.
+# from its committed corpus (corpus/TARGET: seeds, findings and the long runs' inputs, minimised);
+# fails on any crash, timeout or out-of-memory.
 #
 #   fuzz/run.sh              one minute per target (what `./crashmon test` runs)
 #   fuzz/run.sh 3600         an hour per target
