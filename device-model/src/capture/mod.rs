@@ -341,27 +341,6 @@ impl Session {
         explicit: bool,
         data: &[u8],
     ) -> io::Result<()> {
-        self.write_part(kind, start, explicit, data)?;
-        self.count_chunk(false);
-        Ok(())
-    }
-
-    /// Counts one chunk whose bytes [`Session::write_part`] wrote; `dma` when the card read
-    /// them from guest memory.
-    pub fn count_chunk(&mut self, dma: bool) {
-        self.sidecar.chunks += 1;
-        self.sidecar.dma_chunks += u64::from(dma);
-    }
-
-    /// Writes part of a chunk (a DMA chunk is written piece by piece) without counting it: see
-    /// [`Session::write`].
-    pub fn write_part(
-        &mut self,
-        kind: DumpIoType,
-        start: u64,
-        explicit: bool,
-        data: &[u8],
-    ) -> io::Result<()> {
         let end = Placement { cursor: start }
             .place(None, data.len(), self.max_dump_size)
             .map(|s| s + data.len() as u64)
@@ -382,6 +361,7 @@ impl Session {
         }
         self.sidecar.size = self.sidecar.size.max(end);
         self.sidecar.bytes_received += data.len() as u64;
+        self.sidecar.chunks += 1;
         match kind {
             DumpIoType::Header => self.sidecar.bytes_by_type.header += data.len() as u64,
             DumpIoType::Body => self.sidecar.bytes_by_type.body += data.len() as u64,
@@ -406,6 +386,11 @@ impl Session {
             self.sidecar.bugcheck = bugcheck_from_header(data);
         }
         Ok(())
+    }
+
+    /// Counts the chunk just written as one the card read from guest memory (DMA mode).
+    pub fn note_dma_chunk(&mut self) {
+        self.sidecar.dma_chunks += 1;
     }
 
     /// Starts writeback of the file's dirty pages without waiting for it (the final fsync is

@@ -239,8 +239,10 @@ fn write_job(
     window
         .copy_out(job.slot, data)
         .ok_or(JobError::Lost("a chunk named a slot outside the window"))?;
-    s.write_part(job.kind, job.start, job.explicit, data).map_err(JobError::Io)?;
-    s.count_chunk(job.dma);
+    s.write(job.kind, job.start, job.explicit, data).map_err(JobError::Io)?;
+    if job.dma {
+        s.note_dma_chunk();
+    }
     Ok(())
 }
 
