@@ -60,6 +60,7 @@ fn dumps_in(dir: &Path) -> Vec<String> {
 fn the_demo_runs_twice_in_one_output_folder() {
     let out = tempfile::Builder::new().prefix("crashmon-demo-twice-").tempdir().unwrap();
     let out_dir = out.path().to_str().unwrap();
+    let mut before: Vec<String> = Vec::new();
     for (run, memory) in [(1, "16"), (2, "32")] {
         let result = harness(&["demo", "--out", out_dir, "--memory-mb", memory]);
         let stdout = String::from_utf8_lossy(&result.stdout);
@@ -70,8 +71,11 @@ fn the_demo_runs_twice_in_one_output_folder() {
         assert!(stderr.contains(": complete, "), "run {run} showed no progress: {stderr}");
         let dumps = dumps_in(&out.path().join("dumps"));
         assert_eq!(dumps.len(), run, "after run {run}: {dumps:?}");
-        // The run's report names its own, newest dump.
-        let newest = dumps.iter().max().unwrap();
-        assert!(stdout.contains(newest.as_str()), "run {run} reported another dump: {stdout}");
+        // The run's report names its own dump: the one this run added. (Not the greatest
+        // name: two runs within one second differ only by their session UUIDs.)
+        let added: Vec<&String> = dumps.iter().filter(|d| !before.contains(d)).collect();
+        assert_eq!(added.len(), 1, "run {run} added {added:?}");
+        assert!(stdout.contains(added[0].as_str()), "run {run} reported another dump: {stdout}");
+        before = dumps;
     }
 }
