@@ -6,7 +6,9 @@
 
 use anyhow::{ensure, Context, Result};
 use crashmon_harness::scenario::{self, Rig, Running, Scenario};
+use std::collections::BTreeSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::{Duration, Instant};
 
 /// The user the device model drops to.
 const USER: &str = "nobody";
@@ -18,6 +20,39 @@ fn field<'a>(status: &'a str, name: &str) -> &'a str {
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
         .map(str::trim)
         .unwrap_or("")
+}
+
+/// What every thread of the sandboxed device model must show in its `/proc` status.
+struct Sandboxed {
+    uid: u32,
+    gid: u32,
+}
+
+impl Sandboxed {
+    /// Checks every thread of process `pid` now; returns their names.
+    fn check_threads(&self, pid: u32) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let status = match task.and_then(|t| std::fs::read_to_string(t.path().join("status"))) {
+                Ok(s) => s,
+                Err(_) => continue, // a thread that just ended
+            };
+            let name = field(&status, "Name").to_owned();
+            ensure!(
+                field(&status, "Seccomp") == "2",
+                "{name}: not under a seccomp filter:\n{status}"
+            );
+            ensure!(field(&status, "NoNewPrivs") == "1", "{name}: no no_new_privs:\n{status}");
+            let uid = self.uid.to_string();
+            let uids: Vec<&str> = field(&status, "Uid").split_whitespace().collect();
+            ensure!(uids == [uid.as_str(); 4], "{name}: uids {uids:?}, not {USER}'s");
+            let gids: Vec<&str> = field(&status, "Gid").split_whitespace().collect();
+            ensure!(gids.iter().all(|g| *g == self.gid.to_string()), "{name}: gids {gids:?}");
+            ensure!(field(&status, "CapEff") == "0000000000000000", "{name}: capabilities left");
+            names.push(name);
+        }
+        Ok(names)
+    }
 }
 
 #[test]
@@ -41,28 +76,34 @@ fn the_device_model_is_sandboxed_during_a_real_crash() -> Result<()> {
         // TEST HOOK of the device model (sandbox::self_test).
         d.env.push(("CRASHMON_SANDBOX_SELF_TEST".into(), forbidden.display().to_string()));
     })?;
-    r.wait_serial("DUMP START", 1, scenario::CRASH_TIMEOUT)?;
+    r.wait_serial("READY", 1, scenario::CRASH_TIMEOUT)?;
 
-    // During the crash: every thread (the message loop, signals, recovery, the session writer).
+    // During the crash: every thread (the message loop, signals, recovery, the session writer,
+    // its hash thread). A session of DMA chunks ends a fraction of a second after it starts, so
+    // the threads are looked at every millisecond from before the bug check until the guest's
+    // DUMP DONE, and the session's writer must have been among them.
     let pid = r.card.pid();
-    let mut threads = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let status = match std::fs::read_to_string(task?.path().join("status")) {
-            Ok(s) => s,
-            Err(_) => continue, // a thread that just ended
-        };
-        let name = field(&status, "Name").to_owned();
-        ensure!(field(&status, "Seccomp") == "2", "{name}: not under a seccomp filter:\n{status}");
-        ensure!(field(&status, "NoNewPrivs") == "1", "{name}: no no_new_privs:\n{status}");
-        let uid = nobody.uid.as_raw().to_string();
-        let uids: Vec<&str> = field(&status, "Uid").split_whitespace().collect();
-        ensure!(uids == [uid.as_str(); 4], "{name}: uids {uids:?}, not {USER}'s");
-        let gids: Vec<&str> = field(&status, "Gid").split_whitespace().collect();
-        ensure!(gids.iter().all(|g| *g == nobody.gid.as_raw().to_string()), "{name}: {gids:?}");
-        ensure!(field(&status, "CapEff") == "0000000000000000", "{name}: capabilities left");
-        threads += 1;
+    let expected = Sandboxed { uid: nobody.uid.as_raw(), gid: nobody.gid.as_raw() };
+    let mut seen = BTreeSet::new();
+    let mut looks_with_writer = 0;
+    let deadline = Instant::now() + scenario::CRASH_TIMEOUT;
+    for round in 0u64.. {
+        let names = expected.check_threads(pid)?;
+        looks_with_writer += usize::from(names.iter().any(|n| n.starts_with("writer-")));
+        seen.extend(names);
+        if round % 50 == 0 {
+            let done = r.serial().iter().any(|l| l.kind == "DUMP DONE");
+            if done || Instant::now() > deadline {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
-    ensure!(threads >= 3, "only {threads} threads seen: the session's writer should be running");
+    ensure!(
+        seen.iter().any(|n| n.starts_with("writer-")),
+        "the session's writer was never seen among the threads {seen:?}"
+    );
+    println!("threads seen under the sandbox: {seen:?}; the writer in {looks_with_writer} looks");
 
     let log_path = r.card.log_path().to_owned();
     let outcome = scenario::complete(r, &s)?;
