@@ -152,6 +152,11 @@ impl QmpClient {
         self.execute(&qmp::query_status {})
     }
 
+    /// `stop`: pauses every vCPU (the guest runs no further until `cont`).
+    pub fn stop(&mut self) -> Result<(), QmpError> {
+        self.execute(&qmp::stop {}).map(drop)
+    }
+
     /// `system_reset`: resets the VM as the reset button would.
     pub fn system_reset(&mut self) -> Result<(), QmpError> {
         self.execute(&qmp::system_reset {}).map(drop)

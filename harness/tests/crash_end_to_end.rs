@@ -145,7 +145,8 @@ fn qemu_killed_mid_stream_leaves_an_incomplete_dump_with_every_byte() -> Result<
     s.memory_mb = 128;
     let mut r = Running::start(rig(), &s, dir.path())?;
     r.wait_serial("DUMP START", 1, scenario::CRASH_TIMEOUT)?;
-    // Let some megabytes arrive, then kill QEMU without warning.
+    // Let some megabytes arrive, pause the guest (a DMA dump of 128 MiB takes well under a
+    // second, it must not finish while this looks), then kill QEMU without warning.
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     loop {
         let partial: u64 = std::fs::read_dir(&r.dumps_dir)?
@@ -158,8 +159,9 @@ fn qemu_killed_mid_stream_leaves_an_incomplete_dump_with_every_byte() -> Result<
             break;
         }
         ensure!(std::time::Instant::now() < deadline, "the dump never got going\n{}", r.logs());
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
+    r.qmp.stop()?;
     r.vm.kill();
     let status = r.card.wait_timeout(Duration::from_secs(30))?;
     ensure!(status.success(), "device model: {status}\n{}", r.logs());
